@@ -1,0 +1,1 @@
+"""jobrunner's service side: one short-lived, sandboxed process per connection that runs one job."""

@@ -1,0 +1,44 @@
+"""`python3 -m runner [JOBNAME]`: what job@.service starts, once per connection or per operator start.
+
+Kept tiny and lean: every connection pays for each import made before its job starts.
+"""
+
+from __future__ import annotations
+
+import sys
+
+
+def main(argv: list[str]) -> int:
+    from runner import activation
+    from runner.errors import RunnerError
+
+    if argv[1:2] in (["-h"], ["--help"]):
+        sys.stdout.write(USAGE)
+        return 0
+    try:
+        mode = activation.detect_mode(argv[1] if len(argv) > 1 else None)
+    except RunnerError as e:
+        sys.stderr.write(f"jobrunner: {e.message}\njobrunner: hint: {e.hint}\n")
+        return e.exit_status
+    from runner import service
+
+    if mode is activation.Mode.SOCKET:
+        return service.serve_connection(activation.take_connection())
+    return service.serve_operator(argv[1])
+
+
+USAGE = """\
+usage: python3 -m runner [JOBNAME]
+
+The service side of jobrunner. It is started by systemd, never by hand:
+  - by job.socket (Accept=yes) for each connection, which arrives as fd 3 (LISTEN_FDS=1);
+  - by `systemctl start job@JOBNAME` (operator mode): runs JOBNAME, output to the journal.
+Run jobs with `jobctl run NAME` (see `jobctl --help`).
+
+Exit status: the job's exit status (128+N if killed by signal N, 124 on timeout), or
+  64 bad request, unknown job or rejected arguments; 75 busy; 77 forbidden;
+  78 configuration or credential error, or not started by systemd; 70 internal error.
+"""
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

@@ -1,0 +1,271 @@
+"""Job configuration: `/etc/jobrunner/jobs.toml` read with tomllib into frozen dataclasses.
+
+Every mistake is reported as a ConfigError that names the file, the job and the key, with a hint.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from runner.errors import ConfigError
+
+DEFAULT_CONFIG_PATH = Path("/etc/jobrunner/jobs.toml")
+JOB_NAME_PATTERN = re.compile(r"[a-z][a-z0-9_-]{0,63}")
+CREDENTIAL_NAME_PATTERN = re.compile(r"[A-Za-z0-9_.-]{1,255}")
+ENV_NAME_PATTERN = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+CREDENTIAL_REFERENCE = "credential:"
+DEFAULT_TIMEOUT_S = 3600.0
+
+# The environment the runner itself sets for every job; `env` may not override these.
+RESERVED_ENV = frozenset(
+    {"PATH", "LANG", "HOME", "CREDENTIALS_DIRECTORY", "JOB_NAME", "JOB_RUN_ID", "JOB_OUTPUT_DIR"}
+)
+
+
+class Concurrency(enum.StrEnum):
+    REJECT = "reject"  # a second run while one is in progress is refused as busy
+    QUEUE = "queue"  # it waits for the first to finish
+    PARALLEL = "parallel"  # runs side by side
+
+    def needs_lock(self) -> bool:
+        return self is not Concurrency.PARALLEL
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    name: str
+    command: tuple[str, ...]
+    description: str
+    workdir: Path
+    timeout_s: float
+    args_pattern: re.Pattern[str] | None  # None: the job takes no arguments
+    env: Mapping[str, str]  # values may still be "credential:NAME" references
+    credentials: tuple[str, ...]  # every credential the job uses, including env references
+    allowed_groups: tuple[str, ...]  # empty: anyone who can reach the socket
+    concurrency: Concurrency
+
+    def accepts_arguments(self) -> bool:
+        return self.args_pattern is not None
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    path: Path
+    project: Path
+    outputs: Path
+    logs: Path
+    jobs: Mapping[str, Job]
+
+
+RUNNER_KEYS = {"project": "str", "outputs": "str", "logs": "str"}
+JOB_KEYS = (
+    "command",
+    "description",
+    "workdir",
+    "timeout",
+    "args",
+    "env",
+    "credentials",
+    "allowed_groups",
+    "concurrency",
+)
+
+
+def config_path() -> Path:
+    """The configuration file: `$JOBRUNNER_CONFIG` (tests, staging) or the system default."""
+    return Path(os.environ.get("JOBRUNNER_CONFIG") or DEFAULT_CONFIG_PATH)
+
+
+def load_config(path: Path | None = None) -> Config:
+    path = path or config_path()
+    try:
+        with path.open("rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(
+            f"{path}: no such file", "create it (see INSTALL.md), or run install.sh to get an example"
+        ) from None
+    except PermissionError:
+        raise ConfigError(f"{path}: permission denied", "the runner must be able to read it") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        # tomllib's message already carries "(at line L, column C)".
+        raise ConfigError(
+            f"{path}: invalid TOML: {e}", "fix the syntax; see INSTALL.md for an example"
+        ) from None
+    return parse_config(data, path)
+
+
+def parse_config(data: Mapping[str, Any], path: Path) -> Config:
+    unknown = set(data) - {"runner", "jobs"}
+    if unknown:
+        raise ConfigError(
+            f"{path}: unknown table {_names(unknown)}", "the file has a [runner] table and [jobs.NAME] tables"
+        )
+    runner = data.get("runner")
+    if not isinstance(runner, dict):
+        raise ConfigError(f"{path}: missing [runner] table", 'add [runner] with project = "/path/to/project"')
+    _check_keys(runner, RUNNER_KEYS, f"{path}: [runner]")
+    project = _runner_path(runner, "project", path, None)
+    outputs = _runner_path(runner, "outputs", path, project)
+    logs = _runner_path(runner, "logs", path, project)
+
+    jobs_table = data.get("jobs", {})
+    if not isinstance(jobs_table, dict):
+        raise ConfigError(f"{path}: 'jobs' must be tables [jobs.NAME]", "")
+    jobs = {name: _parse_job(name, table, path, project) for name, table in jobs_table.items()}
+    return Config(path=path, project=project, outputs=outputs, logs=logs, jobs=jobs)
+
+
+def _runner_path(runner: Mapping[str, Any], key: str, path: Path, project: Path | None) -> Path:
+    where = f"{path}: [runner]"
+    if key not in runner:
+        if project is None:
+            raise ConfigError(
+                f"{where}: missing key 'project'", 'set project = "/absolute/path/of/the/project"'
+            )
+        return project / key  # the defaults are named like the keys: "outputs", "logs"
+    value = runner[key]
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{where}: key '{key}' must be a non-empty string", "")
+    p = Path(value)
+    if project is None:
+        if not p.is_absolute():
+            raise ConfigError(f"{where}: 'project' must be an absolute path, not {value!r}", "")
+        return p
+    return p if p.is_absolute() else project / p
+
+
+def _parse_job(name: str, table: Any, path: Path, project: Path) -> Job:
+    where = f"{path}: job '{name}'"
+    if not JOB_NAME_PATTERN.fullmatch(name):
+        raise ConfigError(f"{where}: invalid job name", "job names match [a-z][a-z0-9_-]{0,63}")
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where}: must be a table [jobs.{name}]", "")
+    _check_keys(table, JOB_KEYS, where)
+
+    command = _string_list(table, "command", where, required=True)
+    if not command:
+        raise ConfigError(
+            f"{where}: key 'command' must not be empty", 'e.g. command = ["bin/build", "--all"]'
+        )
+    env = _parse_env(table.get("env", {}), where)
+    credentials = _string_list(table, "credentials", where)
+    for cred in credentials:
+        if not CREDENTIAL_NAME_PATTERN.fullmatch(cred):
+            raise ConfigError(f"{where}: key 'credentials': invalid credential name {cred!r}", "")
+    referenced = [
+        v.removeprefix(CREDENTIAL_REFERENCE) for v in env.values() if v.startswith(CREDENTIAL_REFERENCE)
+    ]
+    for ref in referenced:
+        if ref not in credentials:
+            raise ConfigError(
+                f"{where}: key 'env' uses credential {ref!r}, which is not in 'credentials'",
+                f"add it: credentials = [{', '.join(repr(c) for c in [*credentials, ref])}]",
+            )
+    return Job(
+        name=name,
+        command=(_resolve_program(command[0], project), *command[1:]),
+        description=_string(table, "description", where, ""),
+        workdir=project / _string(table, "workdir", where, "."),
+        timeout_s=_timeout(table, where),
+        args_pattern=_args_pattern(table, where),
+        env=env,
+        credentials=tuple(credentials),
+        allowed_groups=tuple(_string_list(table, "allowed_groups", where)),
+        concurrency=_concurrency(table, where),
+    )
+
+
+def _resolve_program(program: str, project: Path) -> str:
+    # "bin/build" is the project's; "python3" is looked up in PATH; "/usr/bin/env" is as given.
+    if "/" in program and not program.startswith("/"):
+        return str(project / program)
+    return program
+
+
+def _check_keys(table: Mapping[str, Any], allowed: Mapping[str, str] | tuple[str, ...], where: str) -> None:
+    for key in table:
+        if key not in allowed:
+            raise ConfigError(f"{where}: unknown key {key!r}", f"valid keys: {', '.join(allowed)}")
+
+
+def _string(table: Mapping[str, Any], key: str, where: str, default: str) -> str:
+    value = table.get(key, default)
+    if not isinstance(value, str):
+        raise ConfigError(f"{where}: key {key!r} must be a string, not {_type(value)}", "")
+    return value
+
+
+def _string_list(table: Mapping[str, Any], key: str, where: str, *, required: bool = False) -> list[str]:
+    if key not in table:
+        if required:
+            raise ConfigError(f"{where}: missing key {key!r}", 'e.g. command = ["bin/build", "--all"]')
+        return []
+    value = table[key]
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(f"{where}: key {key!r} must be a list of strings, not {_type(value)}", "")
+    if any("\0" in v for v in value):
+        raise ConfigError(f"{where}: key {key!r} contains a NUL character", "")
+    return list(value)
+
+
+def _timeout(table: Mapping[str, Any], where: str) -> float:
+    value = table.get("timeout", DEFAULT_TIMEOUT_S)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        raise ConfigError(f"{where}: key 'timeout' must be a positive number of seconds, not {value!r}", "")
+    return float(value)
+
+
+def _args_pattern(table: Mapping[str, Any], where: str) -> re.Pattern[str] | None:
+    value = table.get("args", False)
+    if value is False:
+        return None
+    if not isinstance(value, str):
+        raise ConfigError(
+            f"{where}: key 'args' must be false or a regular expression, not {value!r}",
+            "e.g. args = '[A-Za-z0-9_.-]+' (every argument must match it in full)",
+        )
+    try:
+        return re.compile(value)
+    except re.error as e:
+        raise ConfigError(f"{where}: key 'args' is not a valid regular expression: {e}", "") from None
+
+
+def _parse_env(value: Any, where: str) -> dict[str, str]:
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: key 'env' must be a table of strings, not {_type(value)}", "")
+    for name, v in value.items():
+        if not ENV_NAME_PATTERN.fullmatch(name):
+            raise ConfigError(f"{where}: key 'env': invalid variable name {name!r}", "")
+        if name in RESERVED_ENV:
+            raise ConfigError(f"{where}: key 'env': {name} is set by the runner and cannot be overridden", "")
+        if not isinstance(v, str) or "\0" in v:
+            raise ConfigError(f"{where}: key 'env': {name} must be a string, not {_type(v)}", "")
+    return dict(value)
+
+
+def _concurrency(table: Mapping[str, Any], where: str) -> Concurrency:
+    value = table.get("concurrency", Concurrency.REJECT.value)
+    try:
+        return Concurrency(value)
+    except ValueError:
+        raise ConfigError(
+            f"{where}: key 'concurrency' must be one of {', '.join(Concurrency)}, not {value!r}", ""
+        ) from None
+
+
+def _type(value: object) -> str:
+    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list"}.get(
+        type(value), "a table" if isinstance(value, dict) else type(value).__name__
+    )
+
+
+def _names(names: set[str]) -> str:
+    return ", ".join(repr(n) for n in sorted(names))

@@ -1,0 +1,54 @@
+"""Credentials that systemd loaded for this unit (LoadCredentialEncrypted=), read from $CREDENTIALS_DIRECTORY.
+
+The runner never decrypts anything itself: systemd hands it the plaintext in a private, non-swappable
+directory that only this unit's user can read, and removes it when the unit stops.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+from runner.errors import CredentialError
+
+
+def credentials_directory() -> Path | None:
+    value = os.environ.get("CREDENTIALS_DIRECTORY")
+    return Path(value) if value else None
+
+
+def load_credentials(directory: Path | None) -> dict[str, bytes]:
+    """Every credential the unit loaded, by name (all of them are redacted, used by the job or not)."""
+    if directory is None:
+        return {}
+    creds = {}
+    try:
+        entries = list(os.scandir(directory))
+    except FileNotFoundError:
+        return {}
+    for entry in entries:
+        if entry.is_file():
+            with open(entry.path, "rb") as f:
+                creds[entry.name] = f.read()
+    return creds
+
+
+def require(names: tuple[str, ...], loaded: Mapping[str, bytes], job: str) -> None:
+    for name in names:
+        if name not in loaded:
+            raise CredentialError(
+                f"job '{job}' needs credential {name!r}, which the unit did not load",
+                f"store it as root: jobrunner creds set {name}  (it adds LoadCredentialEncrypted={name})",
+            )
+
+
+def secret_forms(value: bytes) -> list[bytes]:
+    """The byte strings to redact for one credential: as stored, and without surrounding whitespace
+    (`echo KEY | systemd-creds encrypt` stores a trailing newline that a job will not print)."""
+    return [form for form in {value, value.strip()} if form]
+
+
+def env_value(value: bytes) -> str:
+    """A credential as an environment variable value: trailing newline dropped."""
+    return value.rstrip(b"\r\n").decode("utf-8", "surrogateescape")

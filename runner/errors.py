@@ -1,0 +1,67 @@
+"""The runner's exceptions: one base with a message and a hint, one subclass per failure domain.
+
+Each subclass carries the stable error code of the wire protocol (docs/protocol.md) and the exit status
+(sysexits) that the runner process and `jobctl` use for it.
+"""
+
+from __future__ import annotations
+
+
+class RunnerError(Exception):
+    """A failure that is reported to the caller as an `error` event, never as a traceback."""
+
+    code = "internal"
+    exit_status = 70  # EX_SOFTWARE
+
+    def __init__(self, message: str, hint: str = "") -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+        self.run_id: str | None = None  # set when the failure happened after a run had started
+
+
+class RequestError(RunnerError):
+    code = "bad-request"
+    exit_status = 64  # EX_USAGE
+
+
+class UnknownJobError(RunnerError):
+    code = "unknown-job"
+    exit_status = 64
+
+
+class ArgumentsError(RunnerError):
+    code = "bad-arguments"
+    exit_status = 64
+
+
+class ForbiddenError(RunnerError):
+    code = "forbidden"
+    exit_status = 77  # EX_NOPERM
+
+
+class BusyError(RunnerError):
+    code = "busy"
+    exit_status = 75  # EX_TEMPFAIL
+
+
+class ConfigError(RunnerError):
+    code = "config"
+    exit_status = 78  # EX_CONFIG
+
+
+class CredentialError(RunnerError):
+    code = "credential"
+    exit_status = 78
+
+
+class ActivationError(RunnerError):
+    """The runner was started some other way than by systemd (e.g. by hand)."""
+
+    code = "activation"
+    exit_status = 78
+
+
+class InternalError(RunnerError):
+    code = "internal"
+    exit_status = 70

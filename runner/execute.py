@@ -1,0 +1,331 @@
+"""The job's process: the one place that spawns it, streams its output, and makes sure it ends.
+
+The job runs in its own process group with stdin from /dev/null, a minimal explicit environment and
+no inherited descriptors but its two output pipes. One poll loop watches the pipes, the process
+(a pidfd), the client and the runner's own stop signals. Whatever happens (timeout, the client leaving,
+`systemctl stop`, the job exiting with children still around), the whole process group is stopped:
+SIGTERM, then SIGKILL 10 s later. Under systemd the unit's cgroup catches anything that escaped it.
+"""
+
+from __future__ import annotations
+
+import enum
+import fcntl
+import os
+import select
+import signal
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from runner.errors import ConfigError, CredentialError
+from runner.redact import Redactor, StreamRedactor
+
+READ_SIZE = 1 << 20
+PIPE_SIZE = 1 << 20  # the largest an unprivileged process may ask for (fs.pipe-max-size)
+KILL_GRACE_S = 10.0  # SIGTERM, then SIGKILL this much later
+DRAIN_IDLE_S = 1.0  # after the job exits, how long a pipe held open by an escaped process may stay silent
+F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
+JOB_PATH = "/usr/local/bin:/usr/bin:/bin"
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+# Python ignores SIGPIPE (and SIGXFSZ); ignored signals survive exec, so the job gets them back.
+RESET_SIGNALS = (signal.SIGPIPE, signal.SIGXFSZ, *STOP_SIGNALS)
+
+
+class Channel(Protocol):
+    gone: bool
+    streaming: bool
+
+    def fileno(self) -> int | None: ...
+    def has_pending(self) -> bool: ...
+    def poll_events(self) -> int: ...
+    def on_ready(self, revents: int) -> None: ...
+    def output(self, stream: str, data: bytes) -> None: ...
+
+
+class LogSink(Protocol):
+    def write(self, data: bytes) -> None: ...
+
+
+class StopReason(enum.Enum):
+    TIMEOUT = "timed out"
+    CANCELLED = "cancelled: the client went away"
+    STOPPED = "stopped: the runner was asked to stop"
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    exit_code: int  # as a shell reports it: 128+N for signal N, 124 for a timeout
+    signal: int | None
+    stop_reason: StopReason | None
+    duration_s: float
+
+    @property
+    def timed_out(self) -> bool:
+        return self.stop_reason is StopReason.TIMEOUT
+
+    @property
+    def cancelled(self) -> bool:
+        return self.stop_reason is not None and not self.timed_out
+
+    def describe(self) -> str:
+        if self.signal is not None:
+            how = f"killed by {signal.Signals(self.signal).name}"
+        else:
+            how = f"exited with {self.exit_code}"
+        return f"{self.stop_reason.value}, {how}" if self.stop_reason else how
+
+
+@dataclass(frozen=True, slots=True)
+class Process:
+    pid: int
+    pidfd: int
+    stdout: int
+    stderr: int
+
+
+def job_environment(
+    base: Mapping[str, str], extra: Mapping[str, str], credentials: Mapping[str, str]
+) -> dict[str, str]:
+    """The job's whole environment: `base` (PATH, HOME, JOB_*), then `extra` with credential references
+    (`credential:NAME`) replaced by the credential's value."""
+    env = dict(base)
+    for name, value in extra.items():
+        ref = value.removeprefix("credential:")
+        env[name] = credentials[ref] if ref != value else value
+    for name, value in env.items():
+        if "\0" in value:
+            raise CredentialError(f"environment variable {name} would contain a NUL byte", "")
+    return env
+
+
+def start(argv: Sequence[str], env: Mapping[str, str], workdir: Path) -> Process:
+    """Spawn the job; raise ConfigError when its program or workdir cannot be used."""
+    program = _find_program(argv[0], env.get("PATH", JOB_PATH))
+    out_r, out_w = os.pipe2(os.O_CLOEXEC)
+    err_r, err_w = os.pipe2(os.O_CLOEXEC)
+    for fd in (out_r, err_r):
+        _enlarge_pipe(fd)
+    try:
+        # posix_spawn cannot change directory; the runner has no use for its own cwd, so move there.
+        os.chdir(workdir)
+        pid = os.posix_spawn(
+            program,
+            list(argv),
+            env,
+            file_actions=[
+                (os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0),
+                (os.POSIX_SPAWN_DUP2, out_w, 1),
+                (os.POSIX_SPAWN_DUP2, err_w, 2),
+            ],
+            setpgroup=0,
+            setsigmask=(),
+            setsigdef=RESET_SIGNALS,
+        )
+    except OSError as e:
+        for fd in (out_r, out_w, err_r, err_w):
+            os.close(fd)
+        what = (
+            f"workdir {workdir}"
+            if e.filename == str(workdir) or isinstance(e, NotADirectoryError)
+            else argv[0]
+        )
+        raise ConfigError(
+            f"cannot start the job: {what}: {e.strerror}", "check command and workdir in jobs.toml"
+        ) from None
+    os.close(out_w)
+    os.close(err_w)
+    return Process(pid=pid, pidfd=os.pidfd_open(pid), stdout=out_r, stderr=err_r)
+
+
+def _find_program(name: str, path: str) -> str:
+    if "/" in name:
+        return name
+    for directory in path.split(":"):
+        candidate = os.path.join(directory, name)
+        if os.access(candidate, os.X_OK) and not os.path.isdir(candidate):
+            return candidate
+    raise ConfigError(
+        f"cannot start the job: {name}: not found in PATH ({path})", "use an absolute path in command"
+    )
+
+
+def _enlarge_pipe(fd: int) -> None:
+    # Fewer, larger reads: the runner's cost per byte is mostly per read.
+    try:
+        fcntl.fcntl(fd, F_SETPIPE_SZ, PIPE_SIZE)
+    except OSError:
+        pass
+
+
+class Supervisor:
+    """Runs the poll loop for one job until the job has exited and its output has been read."""
+
+    def __init__(
+        self,
+        process: Process,
+        timeout_s: float,
+        redactor: Redactor,
+        log: LogSink,
+        channel: Channel,
+        *,
+        cancel_when_client_leaves: bool,
+    ) -> None:
+        self.process = process
+        self.log = log
+        self.channel = channel
+        self.cancel_when_client_leaves = cancel_when_client_leaves
+        self.started = time.monotonic()
+        self.deadline = self.started + timeout_s
+        self.streams: dict[int, tuple[str, StreamRedactor]] = {
+            process.stdout: ("stdout", redactor.stream()),
+            process.stderr: ("stderr", redactor.stream()),
+        }
+        self.status: int | None = None  # the wait status, once the job has exited
+        self.stop_reason: StopReason | None = None
+        self.kill_at: float | None = None
+        self.last_output = self.started
+        self.stop_requested = False
+
+    def run(self) -> Outcome:
+        wakeup_r, wakeup_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        previous = self._catch_stop_signals(wakeup_w)
+        try:
+            while self.streams or self.status is None:
+                self._check_timers(time.monotonic())
+                if self.status is not None and self.streams and self._drain_expired():
+                    for fd in list(self.streams):
+                        self._close_stream(fd)
+                    break
+                self._poll_once(wakeup_r)
+        finally:
+            self._restore_signals(previous)
+            for fd in (wakeup_r, wakeup_w, self.process.pidfd, *self.streams):
+                os.close(fd)
+            if self.status is None:  # only reached on an exception: leave nothing behind
+                self._signal_group(signal.SIGKILL)
+                os.waitpid(self.process.pid, 0)
+        return self._outcome(time.monotonic() - self.started)
+
+    # --- one round of the loop
+
+    def _poll_once(self, wakeup_r: int) -> None:
+        poller = select.poll()
+        poller.register(wakeup_r, select.POLLIN)
+        if self.status is None:
+            poller.register(self.process.pidfd, select.POLLIN)
+        # Back-pressure: while the client has not taken the last chunk, leave the job's pipes alone.
+        if not self.channel.has_pending():
+            for fd in self.streams:
+                poller.register(fd, select.POLLIN)
+        client_fd = self.channel.fileno()
+        if client_fd is not None:
+            poller.register(client_fd, self.channel.poll_events())
+        for fd, revents in poller.poll(self._next_timer_ms()):
+            if fd == wakeup_r:
+                self._on_wakeup(wakeup_r)
+            elif fd == self.process.pidfd:
+                self._on_exit()
+            elif fd in self.streams:
+                self._on_output(fd)
+            elif fd == client_fd:
+                self.channel.on_ready(revents)
+                if self.channel.gone and self.cancel_when_client_leaves:
+                    self._stop(StopReason.CANCELLED)
+
+    def _on_output(self, fd: int) -> None:
+        name, redactor = self.streams[fd]
+        data = os.read(fd, READ_SIZE)
+        if data:
+            self.last_output = time.monotonic()
+            self._emit(name, redactor.feed(data))
+        else:
+            self._close_stream(fd)
+
+    def _close_stream(self, fd: int) -> None:
+        name, redactor = self.streams.pop(fd)
+        self._emit(name, redactor.flush())
+        os.close(fd)
+
+    def _emit(self, stream: str, data: bytes) -> None:
+        if data:
+            self.log.write(data)
+            self.channel.output(stream, data)
+
+    def _on_exit(self) -> None:
+        # The job is a zombie until reaped, so its pid (= its process group id) cannot have been reused:
+        # kill what it left running in its group first, then reap it.
+        self._signal_group(signal.SIGKILL)
+        _, self.status = os.waitpid(self.process.pid, 0)
+        self.last_output = time.monotonic()
+
+    def _on_wakeup(self, wakeup_r: int) -> None:
+        try:
+            os.read(wakeup_r, 512)
+        except BlockingIOError:
+            pass
+        if self.stop_requested:
+            self._stop(StopReason.STOPPED)
+
+    # --- timers
+
+    def _check_timers(self, now: float) -> None:
+        if self.status is None and self.stop_reason is None and now >= self.deadline:
+            self._stop(StopReason.TIMEOUT)
+        if self.status is None and self.kill_at is not None and now >= self.kill_at:
+            self._signal_group(signal.SIGKILL)
+            self.kill_at = None
+
+    def _next_timer_ms(self) -> int | None:
+        now = time.monotonic()
+        timers = []
+        if self.status is None:
+            timers.append(self.kill_at if self.kill_at is not None else self.deadline)
+        elif self.streams:
+            timers.append(self.last_output + DRAIN_IDLE_S)
+        if not timers:
+            return None
+        return max(0, int((min(timers) - now) * 1000) + 1)
+
+    def _drain_expired(self) -> bool:
+        # Pipes still open after the job exited: something outside its process group holds them.
+        return not self.channel.has_pending() and time.monotonic() - self.last_output > DRAIN_IDLE_S
+
+    def _stop(self, reason: StopReason) -> None:
+        if self.stop_reason is not None or self.status is not None:
+            return
+        self.stop_reason = reason
+        self._signal_group(signal.SIGTERM)
+        self.kill_at = time.monotonic() + KILL_GRACE_S
+
+    def _signal_group(self, sig: int) -> None:
+        try:
+            os.killpg(self.process.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass  # the group is already empty
+
+    # --- signals sent to the runner itself (systemctl stop, Ctrl-C in operator mode)
+
+    def _catch_stop_signals(self, wakeup_w: int) -> dict[int, object]:
+        def request_stop(signum: int, frame: object) -> None:
+            self.stop_requested = True
+
+        previous: dict[int, object] = {sig: signal.signal(sig, request_stop) for sig in STOP_SIGNALS}
+        previous[-1] = signal.set_wakeup_fd(wakeup_w)
+        return previous
+
+    def _restore_signals(self, previous: dict[int, object]) -> None:
+        old_wakeup = previous.pop(-1)
+        signal.set_wakeup_fd(old_wakeup if isinstance(old_wakeup, int) else -1)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)  # type: ignore[arg-type]
+
+    def _outcome(self, duration_s: float) -> Outcome:
+        status = self.status if self.status is not None else 0
+        sig = os.WTERMSIG(status) if os.WIFSIGNALED(status) else None
+        code = 128 + sig if sig is not None else os.WEXITSTATUS(status)
+        if self.stop_reason is StopReason.TIMEOUT:
+            code = 124
+        return Outcome(exit_code=code, signal=sig, stop_reason=self.stop_reason, duration_s=duration_s)

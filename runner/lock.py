@@ -1,0 +1,51 @@
+"""One job's concurrency policy across runner processes (each connection is its own process): flock(2).
+
+The kernel drops the lock when the holding process dies, so a killed runner can never leave a job
+stuck as "busy".
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+from runner.config import Concurrency
+from runner.errors import BusyError, InternalError
+
+QUEUE_POLL_S = 0.2
+Waiter = Callable[[float], bool]
+
+
+def lock_directory(logs: Path) -> Path:
+    """Where lock files live: the unit's RuntimeDirectory= (out of developers' reach), else by the logs."""
+    runtime = os.environ.get("RUNTIME_DIRECTORY")
+    return Path(runtime.split(":")[0]) if runtime else logs / ".locks"
+
+
+def acquire(directory: Path, job: str, policy: Concurrency, wait: Waiter) -> int | None:
+    """Take the job's lock as the policy says; return the fd to keep for the run (None: no lock needed).
+
+    `wait(seconds)` is called between attempts when queueing; it returns False when the caller went away.
+    """
+    if not policy.needs_lock():
+        return None
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        fd = os.open(directory / f"{job}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as e:
+        raise InternalError(f"cannot open the lock for job '{job}': {e.strerror}: {e.filename}", "") from None
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fd
+        except BlockingIOError:
+            pass
+        if policy is Concurrency.REJECT or not wait(QUEUE_POLL_S):
+            os.close(fd)
+            raise BusyError(f"job '{job}' is already running", "wait for it to finish and try again")
+
+
+def release(fd: int) -> None:
+    os.close(fd)  # closing the only descriptor drops the flock

@@ -1,0 +1,81 @@
+"""Who is on the other end of the connection: the kernel's word (SO_PEERCRED, SO_PEERGROUPS)."""
+
+from __future__ import annotations
+
+import errno
+import grp
+import os
+import socket
+import struct
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from runner.errors import ConfigError, ForbiddenError
+
+# Not exported by Python's socket module; the value is fixed in the Linux ABI (asm-generic/socket.h).
+SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)
+_UCRED = struct.Struct("iII")  # pid_t pid, uid_t uid, gid_t gid
+
+
+@dataclass(frozen=True, slots=True)
+class Peer:
+    pid: int
+    uid: int
+    gid: int
+    groups: frozenset[int]  # primary and supplementary gids at connect time
+
+    def describe(self) -> str:
+        return f"uid={self.uid} ({user_name(self.uid)}) gid={self.gid} pid={self.pid}"
+
+
+def read_peer(conn: socket.socket) -> Peer:
+    pid, uid, gid = _UCRED.unpack(conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
+    return Peer(pid=pid, uid=uid, gid=gid, groups=frozenset({gid, *_peer_groups(conn)}))
+
+
+def operator_peer() -> Peer:
+    """The caller in operator mode (`systemctl start job@NAME`): whoever could start the unit."""
+    return Peer(pid=os.getpid(), uid=os.getuid(), gid=os.getgid(), groups=frozenset(os.getgroups()))
+
+
+def _peer_groups(conn: socket.socket) -> tuple[int, ...]:
+    size = 64 * 4
+    while True:
+        try:
+            raw = conn.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, size)
+        except OSError as e:
+            if e.errno == errno.ERANGE and size < 65536 * 4:
+                size *= 16
+                continue
+            raise
+        return struct.unpack(f"{len(raw) // 4}I", raw)
+
+
+def check_allowed(peer: Peer, job_name: str, allowed_groups: Iterable[str]) -> None:
+    """Raise ForbiddenError unless the peer is in one of the groups (an empty list allows everyone)."""
+    names = list(allowed_groups)
+    if not names:
+        return
+    for name in names:
+        try:
+            if grp.getgrnam(name).gr_gid in peer.groups:
+                return
+        except KeyError:
+            raise ConfigError(
+                f"job '{job_name}': allowed_groups names group {name!r}, which does not exist",
+                "create the group (sysusers.d) or fix allowed_groups in jobs.toml",
+            ) from None
+    raise ForbiddenError(
+        f"{user_name(peer.uid)} may not run job '{job_name}'",
+        f"members of {', '.join(names)} may run it: ask an administrator to add you "
+        f"(sudo usermod -aG {names[0]} {user_name(peer.uid)}), then log in again",
+    )
+
+
+def user_name(uid: int) -> str:
+    import pwd  # only needed for messages
+
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)

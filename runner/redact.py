@@ -1,0 +1,73 @@
+"""Redaction: every loaded credential value becomes `***` in whatever the runner sends or writes.
+
+Output arrives in chunks, so a secret can straddle two reads. A `StreamRedactor` holds back only the
+longest tail of a chunk that could still be the start of a secret, so ordinary output (a prompt, a
+progress line) is never delayed waiting for bytes that may not come.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Iterator
+
+MASK = b"***"
+
+
+class Redactor:
+    """Replaces a fixed set of secret byte strings; shared by all the streams of a run."""
+
+    def __init__(self, secrets: Iterable[bytes]) -> None:
+        # Longest first, so that a secret containing another is replaced whole.
+        self.secrets = sorted({s for s in secrets if s}, key=len, reverse=True)
+        self._pattern = re.compile(b"|".join(re.escape(s) for s in self.secrets)) if self.secrets else None
+
+    def redact(self, data: bytes) -> bytes:
+        """Redact a complete piece of data (a message, a header line)."""
+        return self._pattern.sub(MASK, data) if self._pattern else data
+
+    def finditer(self, data: bytes) -> Iterator[re.Match[bytes]]:
+        return self._pattern.finditer(data) if self._pattern else iter(())
+
+    def redact_text(self, text: str) -> str:
+        return self.redact(text.encode("utf-8", "surrogateescape")).decode("utf-8", "surrogateescape")
+
+    def stream(self) -> StreamRedactor:
+        return StreamRedactor(self)
+
+    def held_back_length(self, data: bytes) -> int:
+        """Length of the longest suffix of `data` that is a proper prefix of some secret."""
+        longest = 0
+        for secret in self.secrets:
+            for k in range(min(len(secret) - 1, len(data)), longest, -1):
+                if data.endswith(secret[:k]):
+                    longest = k
+                    break
+        return longest
+
+
+class StreamRedactor:
+    """Redacts one output stream chunk by chunk."""
+
+    def __init__(self, redactor: Redactor) -> None:
+        self._redactor = redactor
+        self._carry = b""
+
+    def feed(self, chunk: bytes) -> bytes:
+        """Return the redacted bytes that are safe to emit now."""
+        redactor = self._redactor
+        if not redactor.secrets:
+            return chunk
+        data = self._carry + chunk if self._carry else chunk
+        # `in` is a fast substring search; the regex runs only on the rare chunk that holds a secret.
+        found = any(secret in data for secret in redactor.secrets)
+        # A match may end in the tail we would otherwise hold back: emit up to the end of the last match.
+        last_match_end = max((m.end() for m in redactor.finditer(data)), default=0) if found else 0
+        hold = min(redactor.held_back_length(data), len(data) - last_match_end)
+        cut = len(data) - hold
+        self._carry = data[cut:]
+        return redactor.redact(data[:cut]) if found else data[:cut]
+
+    def flush(self) -> bytes:
+        """The held-back tail at the end of the stream (it never completed a secret)."""
+        rest, self._carry = self._carry, b""
+        return rest

@@ -1,0 +1,105 @@
+"""What a run leaves behind: its id, its output directory (with a `latest` link) and its run log."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+from runner.errors import InternalError
+
+
+def new_run_id(now: float | None = None) -> str:
+    """`20261128T154402-123456-3fa9`: UTC start time to the microsecond, then random bits; sorts by time."""
+    now = time.time() if now is None else now
+    seconds = int(now)
+    micros = int((now - seconds) * 1_000_000)
+    return f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime(seconds))}-{micros:06d}-{os.urandom(2).hex()}"
+
+
+def iso_time(t: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int((t % 1) * 1000):03d}Z"
+
+
+@dataclass(frozen=True, slots=True)
+class RunPaths:
+    output_dir: Path
+    log: Path
+
+
+def create_run_paths(outputs: Path, logs: Path, job: str, run_id: str) -> RunPaths:
+    """Create `OUTPUTS/JOB/RUN_ID/` (and point `OUTPUTS/JOB/latest` at it); name `LOGS/JOB/RUN_ID.log`."""
+    job_outputs = outputs / job
+    output_dir = job_outputs / run_id
+    log = logs / job / f"{run_id}.log"
+    try:
+        output_dir.mkdir(parents=True)
+        log.parent.mkdir(parents=True, exist_ok=True)
+        _point_latest(job_outputs, run_id)
+    except OSError as e:
+        raise InternalError(
+            f"cannot create the run's directories: {e.strerror}: {e.filename}",
+            "check that the outputs and logs directories exist and are writable by the service",
+        ) from None
+    return RunPaths(output_dir=output_dir, log=log)
+
+
+def _point_latest(job_outputs: Path, run_id: str) -> None:
+    # Build the new link beside the old one and rename it over: readers never see a missing `latest`.
+    tmp = job_outputs / f".latest-{run_id}"
+    os.symlink(run_id, tmp)
+    os.replace(tmp, job_outputs / "latest")
+
+
+class RunLog:
+    """The run log: a header (who, when, what), the redacted transcript as it happens, a footer."""
+
+    def __init__(self, path: Path) -> None:
+        try:
+            # Unbuffered: whatever the job printed is on disk even if the runner is killed mid-run.
+            self._file: BinaryIO = open(path, "xb", buffering=0)  # noqa: SIM115 - closed by close()
+        except OSError as e:
+            raise InternalError(f"cannot create the run log: {e.strerror}: {path}", "") from None
+        self.path = path
+        self._ends_with_newline = True
+        self.write_error: OSError | None = None  # e.g. ENOSPC: the log keeps what fit, the run goes on
+
+    def header(self, fields: dict[str, object]) -> None:
+        lines = ["# jobrunner run log\n"]
+        lines += [f"# {key}: {_render(value)}\n" for key, value in fields.items()]
+        self._write_text([*lines, "# ---- output\n"])
+
+    def write(self, data: bytes) -> None:
+        if data and self.write_error is None:
+            try:
+                _write_all(self._file, data)
+            except OSError as e:
+                self.write_error = e
+            self._ends_with_newline = data.endswith(b"\n")
+
+    def footer(self, fields: dict[str, object]) -> None:
+        lines = ["" if self._ends_with_newline else "\n", "# ---- end\n"]
+        self._write_text(lines + [f"# {key}: {_render(value)}\n" for key, value in fields.items()])
+
+    def _write_text(self, lines: list[str]) -> None:
+        try:
+            _write_all(self._file, "".join(lines).encode("utf-8", "surrogateescape"))
+        except OSError as e:
+            self.write_error = self.write_error or e
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def _render(value: object) -> str:
+    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+
+
+def _write_all(file: BinaryIO, data: bytes) -> None:
+    # An unbuffered write may be short (a full disk fills up mid-write): go on until it fails outright.
+    view = memoryview(data)
+    while view:
+        view = view[file.write(view) or 0 :]

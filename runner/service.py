@@ -1,0 +1,327 @@
+"""One request, start to finish: who is asking, for what, may they, then run the job and report.
+
+Both ways in share `run_job`: a socket connection (`serve_connection`) and an operator's
+`systemctl start job@NAME` (`serve_operator`). Every failure is a RunnerError that becomes one final
+`error` event (redacted) and a sysexits status; nothing here prints a traceback to a client.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from runner import credentials, execute, journal, lock, notify
+from runner.channel import ClientChannel, ConsoleChannel
+from runner.config import Config, Job, load_config
+from runner.errors import ArgumentsError, InternalError, RunnerError, UnknownJobError
+from runner.execute import Channel, Outcome
+from runner.peer import Peer, check_allowed, operator_peer, read_peer, user_name
+from runner.protocol import ExitReport, Form, Reply, Request, guess_form, parse_request, read_request_line
+from runner.redact import Redactor
+from runner.runs import RunLog, RunPaths, create_run_paths, iso_time, new_run_id
+
+SendFunction = Callable[[bytes], None]
+
+
+@dataclass(frozen=True, slots=True)
+class Context:
+    """What every request needs: the loaded credentials and a redactor built from them."""
+
+    secrets: Mapping[str, bytes]
+    redactor: Redactor
+
+    @classmethod
+    def load(cls) -> Context:
+        secrets = credentials.load_credentials(credentials.credentials_directory())
+        forms = [form for value in secrets.values() for form in credentials.secret_forms(value)]
+        return cls(secrets=secrets, redactor=Redactor(forms))
+
+
+def serve_connection(conn: socket.socket) -> int:
+    """Serve one connection from job.socket; return the runner's exit status."""
+    context = Context.load()
+    received = bytearray()
+    reply = Reply(Form.TEXT)
+    channel: ClientChannel | None = None
+    try:
+        line = read_request_line(conn, received)
+        reply = Reply(guess_form(line))
+        request = parse_request(line)
+        peer = read_peer(conn)
+        config = load_config()
+        channel = ClientChannel(conn, reply)
+        if request.op == "list":
+            channel.send(reply.jobs(_visible_jobs(config, peer)))
+            return 0
+        return run_job(config, request, peer, context, channel).outcome.exit_code
+    except Exception as e:
+        error = e if isinstance(e, RunnerError) else _internal_error(context.redactor)
+        if channel is None:
+            reply = Reply(guess_form(bytes(received)))
+            channel = ClientChannel(conn, reply)
+        _report_error(error, context.redactor, channel.send, reply)
+        return error.exit_status
+    finally:
+        if channel is not None:
+            channel.close()
+        else:
+            conn.close()
+
+
+def serve_operator(job_name: str) -> int:
+    """`systemctl start job@NAME`: run the job with output to the journal; exit with the job's status."""
+    context = Context.load()
+    reply = Reply(Form.TEXT)
+
+    def to_stderr(data: bytes) -> None:
+        os.write(2, data)
+
+    try:
+        request = parse_request(f"run {job_name}".encode())
+        result = run_job(load_config(), request, operator_peer(), context, ConsoleChannel())
+        to_stderr(reply.exit(_exit_report(request.job, result)))
+        return result.outcome.exit_code
+    except Exception as e:
+        error = e if isinstance(e, RunnerError) else _internal_error(context.redactor)
+        _report_error(error, context.redactor, to_stderr, reply)
+        return error.exit_status
+
+
+@dataclass(frozen=True, slots=True)
+class RunResult:
+    run_id: str
+    paths: RunPaths
+    outcome: Outcome
+    log_error: OSError | None  # the run log could not be written whole (e.g. the disk is full)
+
+
+def run_job(config: Config, request: Request, peer: Peer, context: Context, channel: Channel) -> RunResult:
+    """Check the request, run the job, and report its end on the channel (when it is a client)."""
+    job = config.jobs.get(request.job)
+    if job is None:
+        raise UnknownJobError(f"no job named {request.job!r}", "see the jobs you may run with: jobctl list")
+    check_allowed(peer, job.name, job.allowed_groups)
+    _check_arguments(job, request.args)
+    credentials.require(job.credentials, context.secrets, job.name)
+    lock_fd = lock.acquire(lock.lock_directory(config.logs), job.name, job.concurrency, _waiter(channel))
+    run_id = new_run_id()
+    try:
+        result = _run(config, Run(job, request, peer, run_id), context, channel)
+    except Exception as e:
+        error = e if isinstance(e, RunnerError) else _internal_error(context.redactor)
+        error.run_id = run_id
+        raise error from None
+    finally:
+        if lock_fd is not None:
+            lock.release(lock_fd)  # before reporting, so that a queued run can start
+    if isinstance(channel, ClientChannel):
+        channel.send(channel.reply.exit(_exit_report(job.name, result)))
+    _log_end(job, peer, result)
+    return result
+
+
+@dataclass(frozen=True, slots=True)
+class Run:
+    """One accepted request to run a job."""
+
+    job: Job
+    request: Request
+    peer: Peer
+    run_id: str
+
+
+def _run(config: Config, run: Run, context: Context, channel: Channel) -> RunResult:
+    job, request, run_id = run.job, run.request, run.run_id
+    paths = create_run_paths(config.outputs, config.logs, job.name, run_id)
+    log = RunLog(paths.log)
+    try:
+        log.header(_header_fields(run, time.time(), context.redactor))
+        try:
+            argv = [*job.command, *request.args]
+            process = execute.start(argv, _environment(job, run_id, paths, context), job.workdir)
+        except RunnerError as e:
+            log.footer(
+                {
+                    "finished": iso_time(time.time()),
+                    "result": f"not started: {context.redactor.redact_text(e.message)}",
+                }
+            )
+            raise
+        _send_accepted(channel, request, job, run_id, paths)
+        _log_start(run, process.pid)
+        outcome = execute.Supervisor(
+            process,
+            job.timeout_s,
+            context.redactor,
+            log,
+            channel,
+            cancel_when_client_leaves=not request.detach,
+        ).run()
+        log.footer(
+            {
+                "finished": iso_time(time.time()),
+                "result": outcome.describe(),
+                "exit_code": outcome.exit_code,
+                "duration_s": f"{outcome.duration_s:.3f}",
+            }
+        )
+    finally:
+        log.close()
+    return RunResult(run_id, paths, outcome, log.write_error)
+
+
+def _check_arguments(job: Job, args: tuple[str, ...]) -> None:
+    if not args:
+        return
+    if job.args_pattern is None:
+        raise ArgumentsError(f"job '{job.name}' takes no arguments", "run it without arguments")
+    for arg in args:
+        if "\0" in arg or not job.args_pattern.fullmatch(arg):
+            shown = arg if len(arg) <= 80 else arg[:80] + "..."
+            raise ArgumentsError(
+                f"argument {shown!r} is not accepted by job '{job.name}'",
+                f"every argument must match {job.args_pattern.pattern!r} in full",
+            )
+
+
+def _environment(job: Job, run_id: str, paths: RunPaths, context: Context) -> dict[str, str]:
+    base = {
+        "PATH": execute.JOB_PATH,
+        "LANG": os.environ.get("LANG", "C.UTF-8"),
+        # The unit's private /tmp (PrivateTmp=yes): the one writable place that is the job's own.
+        "HOME": "/tmp",  # noqa: S108
+        "JOB_NAME": job.name,
+        "JOB_RUN_ID": run_id,
+        "JOB_OUTPUT_DIR": str(paths.output_dir),
+    }
+    if "CREDENTIALS_DIRECTORY" in os.environ:
+        base["CREDENTIALS_DIRECTORY"] = os.environ["CREDENTIALS_DIRECTORY"]
+    values = {name: credentials.env_value(context.secrets[name]) for name in job.credentials}
+    return execute.job_environment(base, job.env, values)
+
+
+def _waiter(channel: Channel) -> lock.Waiter:
+    """For a queued run: wait, and tell the lock whether the client is still there."""
+
+    def wait(seconds: float) -> bool:
+        fd = channel.fileno()
+        if fd is None:
+            time.sleep(seconds)
+            return True
+        import select
+
+        poller = select.poll()
+        poller.register(fd, 0)  # only hang-ups
+        for _, revents in poller.poll(seconds * 1000):
+            channel.on_ready(revents)
+        return not channel.gone
+
+    return wait
+
+
+def _send_accepted(channel: Channel, request: Request, job: Job, run_id: str, paths: RunPaths) -> None:
+    if isinstance(channel, ClientChannel):
+        channel.send(
+            channel.reply.accepted(job.name, run_id, str(paths.output_dir), str(paths.log), request.detach)
+        )
+        if request.detach:
+            channel.streaming = False  # output goes to the run log only; the final event is still sent
+
+
+def _header_fields(run: Run, started: float, redactor: Redactor) -> dict[str, object]:
+    job, request, peer = run.job, run.request, run.peer
+    return {
+        "job": job.name,
+        "run": run.run_id,
+        "started": iso_time(started),
+        "caller": peer.describe(),
+        "args": [redactor.redact_text(a) for a in request.args],
+        "command": [redactor.redact_text(a) for a in job.command],
+        "detach": request.detach,
+    }
+
+
+def _exit_report(job: str, result: RunResult) -> ExitReport:
+    outcome = result.outcome
+    return ExitReport(
+        job=job,
+        run_id=result.run_id,
+        exit_code=outcome.exit_code,
+        signal=outcome.signal,
+        timed_out=outcome.timed_out,
+        cancelled=outcome.cancelled,
+        duration_s=outcome.duration_s,
+        log=str(result.paths.log),
+        output_dir=str(result.paths.output_dir),
+    )
+
+
+def _log_start(run: Run, pid: int) -> None:
+    job, peer, run_id = run.job, run.peer, run.run_id
+    notify.status(f"running {job.name} (run {run_id}) for {user_name(peer.uid)}")
+    journal.log(
+        f"run {run_id} of job {job.name} started for {user_name(peer.uid)}",
+        JOB_NAME=job.name,
+        RUN_ID=run_id,
+        CALLER_UID=peer.uid,
+        CALLER_GID=peer.gid,
+        CALLER_PID=peer.pid,
+        JOB_PID=pid,
+        DETACH=int(run.request.detach),
+    )
+
+
+def _log_end(job: Job, peer: Peer, result: RunResult) -> None:
+    outcome, run_id = result.outcome, result.run_id
+    notify.status(f"{job.name} (run {run_id}): {outcome.describe()}")
+    priority = journal.PRIORITY_INFO if outcome.exit_code == 0 else journal.PRIORITY_WARNING
+    journal.log(
+        f"run {run_id} of job {job.name} {outcome.describe()} after {outcome.duration_s:.1f} s",
+        priority,
+        JOB_NAME=job.name,
+        RUN_ID=run_id,
+        CALLER_UID=peer.uid,
+        EXIT_CODE=outcome.exit_code,
+        EXIT_SIGNAL=outcome.signal,
+        TIMED_OUT=int(outcome.timed_out),
+        CANCELLED=int(outcome.cancelled),
+        DURATION_S=f"{outcome.duration_s:.3f}",
+        RUN_LOG=result.paths.log,
+    )
+    if result.log_error is not None:
+        journal.log(
+            f"run log {result.paths.log} is incomplete: {result.log_error.strerror}",
+            journal.PRIORITY_ERR,
+            JOB_NAME=job.name,
+            RUN_ID=run_id,
+        )
+
+
+def _visible_jobs(config: Config, peer: Peer) -> list[dict[str, object]]:
+    visible = []
+    for job in config.jobs.values():
+        try:
+            check_allowed(peer, job.name, job.allowed_groups)
+        except RunnerError:
+            continue
+        visible.append({"name": job.name, "description": job.description, "args": job.accepts_arguments()})
+    return visible
+
+
+def _report_error(error: RunnerError, redactor: Redactor, send: SendFunction, reply: Reply) -> None:
+    message, hint = redactor.redact_text(error.message), redactor.redact_text(error.hint)
+    send(reply.error(error.code, message, hint, error.run_id))
+    journal.log(f"request failed: {error.code}: {message}", journal.PRIORITY_WARNING, ERROR_CODE=error.code)
+
+
+def _internal_error(redactor: Redactor) -> InternalError:
+    # The traceback goes to the journal (redacted), never to the client.
+    import traceback
+
+    journal.log(f"internal error: {redactor.redact_text(traceback.format_exc())}", journal.PRIORITY_ERR)
+    return InternalError(
+        "the runner failed unexpectedly", "the journal has the details: journalctl -u 'job@*'"
+    )
