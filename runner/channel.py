@@ -15,6 +15,7 @@ import time
 from runner.protocol import Reply
 
 FINAL_SEND_TIMEOUT_S = 30.0
+DRAIN_ON_CLOSE_S = 1.0
 HANGUP = select.POLLHUP | select.POLLERR | select.POLLNVAL
 
 
@@ -77,8 +78,14 @@ class ClientChannel:
             self.on_ready(select.POLLOUT)
 
     def close(self) -> None:
+        """End the reply, then read away what the client still sends before closing: closing a unix
+        socket with unread data makes the client's next read fail (ECONNRESET) and lose the reply."""
         try:
-            self.conn.shutdown(socket.SHUT_RDWR)
+            self.conn.shutdown(socket.SHUT_WR)
+            self.conn.settimeout(DRAIN_ON_CLOSE_S)
+            give_up_at = time.monotonic() + DRAIN_ON_CLOSE_S
+            while time.monotonic() < give_up_at and self.conn.recv(1 << 16):
+                pass
         except OSError:
             pass
         self.conn.close()

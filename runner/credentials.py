@@ -44,9 +44,11 @@ def require(names: tuple[str, ...], loaded: Mapping[str, bytes], job: str) -> No
 
 
 def secret_forms(value: bytes) -> list[bytes]:
-    """The byte strings to redact for one credential: as stored, and without surrounding whitespace
-    (`echo KEY | systemd-creds encrypt` stores a trailing newline that a job will not print)."""
-    return [form for form in {value, value.strip()} if form]
+    """The byte strings to redact for one credential: its value without surrounding whitespace
+    (`echo KEY | systemd-creds encrypt` stores a trailing newline, which is no secret: redacting it
+    would swallow the newline after every printed key)."""
+    stripped = value.strip()
+    return [stripped] if stripped else []
 
 
 def env_value(value: bytes) -> str:

@@ -70,7 +70,7 @@ def read_request_line(conn: socket.socket, data: bytearray, deadline_s: float = 
 
 def guess_form(data: bytes) -> Form:
     """The reply format for a request (even one that failed to arrive whole)."""
-    return Form.JSON if data.lstrip().startswith(b"{") else Form.TEXT
+    return Form.JSON if data.lstrip()[:1] in (b"{", b"[") else Form.TEXT
 
 
 def parse_request(line: bytes) -> Request:

@@ -1,0 +1,137 @@
+"""Integration fixtures: the real runner, started once per connection by `systemd-socket-activate --accept`.
+
+No container and no systemd as PID 1: this proves the per-connection protocol, the job supervision and
+the client. What needs real systemd (sandbox, credentials, DynamicUser) is proven in tests/e2e.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+JOBS_DIR = Path(__file__).parent / "jobs"
+
+
+class Runner:
+    """A socket served by the runner, with its project, configuration and credentials in tmp_path."""
+
+    def __init__(self, tmp_path: Path, secret: str) -> None:
+        self.root = tmp_path
+        self.secret = secret
+        self.project = tmp_path / "project"
+        self.socket = tmp_path / "job.sock"
+        self.config = tmp_path / "jobs.toml"
+        self.credentials = tmp_path / "credentials"
+        self.activator_log = tmp_path / "activator.log"
+        self.statuses = tmp_path / "exit-statuses"
+        shutil.copytree(JOBS_DIR, self.project / "bin")
+        self.credentials.mkdir()
+        (self.credentials / "api-key").write_text(secret + "\n")
+        self.config.write_text((JOBS_DIR.parent / "jobs.toml").read_text().replace("@PROJECT@", str(self.project)))
+        self._process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def outputs(self) -> Path:
+        return self.project / "outputs"
+
+    @property
+    def logs(self) -> Path:
+        return self.project / "logs"
+
+    def start(self) -> None:
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        self._process = subprocess.Popen(
+            [
+                "systemd-socket-activate", "--accept", "--listen", str(self.socket),
+                "-E", f"JOBRUNNER_CONFIG={self.config}",
+                "-E", f"CREDENTIALS_DIRECTORY={self.credentials}",
+                "-E", f"PYTHONPATH={REPO}",
+                "-E", "LANG=C.UTF-8",
+                sys.executable, str(Path(__file__).parent / "record_exit.py"), str(self.statuses),
+            ],  # fmt: skip
+            stdout=subprocess.DEVNULL,
+            stderr=self.activator_log.open("wb"),
+            env=env,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + 10
+        while not self.socket.exists():
+            if time.monotonic() > deadline or self._process.poll() is not None:
+                raise RuntimeError(f"systemd-socket-activate did not start: {self.activator_log.read_text()}")
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        if self._process is not None:
+            os.killpg(self._process.pid, signal.SIGKILL)
+            self._process.wait()
+
+    # --- clients
+
+    def connect(self) -> socket.socket:
+        conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        conn.connect(str(self.socket))
+        return conn
+
+    def request(self, line: bytes, timeout: float = 30) -> bytes:
+        """Send raw bytes, read the whole reply until the server closes."""
+        with self.connect() as conn:
+            conn.settimeout(timeout)
+            conn.sendall(line)
+            return read_all(conn)
+
+    def jobctl(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[bytes]:
+        return subprocess.run(
+            [sys.executable, "-m", "trigger", "--socket", str(self.socket), *args],
+            capture_output=True,
+            timeout=timeout,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+            check=False,
+        )
+
+    def exit_statuses(self, count: int = 1) -> list[int]:
+        """The exit statuses of the runner processes so far, once at least `count` have exited."""
+        wait_for(lambda: self.statuses.exists() and len(self.statuses.read_text().split()) >= count, 10, "runners")
+        return [int(code) for code in self.statuses.read_text().split()]
+
+
+def read_all(conn: socket.socket) -> bytes:
+    chunks = []
+    while chunk := conn.recv(1 << 20):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def make_secret() -> str:
+    # Made at run time: a literal key in the repository would itself be a leak pattern.
+    return "it-" + os.urandom(12).hex()
+
+
+@pytest.fixture
+def runner(tmp_path: Path) -> Iterator[Runner]:
+    if shutil.which("systemd-socket-activate") is None:
+        pytest.skip("systemd-socket-activate is not installed (apt-get install systemd)")
+    server = Runner(tmp_path, make_secret())
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def wait_for(predicate: object, timeout: float = 10, what: str = "condition") -> None:
+    assert callable(predicate)
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)

@@ -1,0 +1,155 @@
+"""Bad requests and refused runs over a real socket: one clear error, a non-zero status, nothing left behind."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+
+import pytest
+
+from tests.integration.conftest import Runner, read_all
+
+pytestmark = pytest.mark.integration
+
+
+def error_event(reply: bytes) -> dict[str, object]:
+    lines = reply.splitlines()
+    assert len(lines) == 1, reply[:500]  # exactly one final event, nothing else
+    event = json.loads(lines[0])
+    assert event["event"] == "error" and event["message"], event
+    return event
+
+
+@pytest.mark.parametrize(
+    ("request_line", "code"),
+    [
+        (b'{"op": "run", "job": "nope"}\n', "unknown-job"),
+        (b'{"op": "run", "job": "../x"}\n', "unknown-job"),
+        (b'{"op": "run", "job": "hello world"}\n', "unknown-job"),
+        (b'{"op": "run", "job": "h\xd0\xb5llo"}\n', "unknown-job"),  # a Cyrillic look-alike
+        (b'{"op": "run", "job": "fail", "args": ["x"]}\n', "bad-arguments"),
+        (b'{"op": "run", "job": "hello", "args": ["$(id)"]}\n', "bad-arguments"),
+        (b'{"op": "run", "job": "echo-args", "args": ' + json.dumps(["a"] * 2000).encode() + b"}\n", "bad-arguments"),
+        (b'{"op": "nuke"}\n', "bad-request"),
+        (b'{"op": "run", "job": "fail", "extra": 1}\n', "bad-request"),
+        (b'{"op": "run", "job": 5}\n', "bad-request"),
+        (b'{"op": "run", "job": "fail"\n', "bad-request"),
+        (b"[" * 60_000 + b"\n", "bad-request"),  # deeply nested, within the size limit
+        (b'{"op": "run", "job": "\xff\xfe"}\n', "bad-request"),
+        (b'{"op": "run", "job": "fail\\u0000"}\n', "unknown-job"),
+        (b'{"op": "run", "job": "nogroup-only"}\n', "forbidden"),
+        (b'{"op": "run", "job": "needs-missing"}\n', "credential"),
+        (b'{"op": "run", "job": "no-program"}\n', "config"),
+    ],
+    ids=lambda value: value[:40].decode(errors="replace") if isinstance(value, bytes) else value,
+)
+def test_bad_json_requests_get_one_error_event(runner: Runner, request_line: bytes, code: str) -> None:
+    assert error_event(runner.request(request_line))["code"] == code
+    assert runner.exit_statuses() and runner.exit_statuses()[-1] != 0
+
+
+@pytest.mark.parametrize(
+    ("request_line", "code"),
+    [
+        (b"run nope\n", "unknown-job"),
+        (b"run ../../etc/passwd\n", "unknown-job"),
+        (b"run 'unclosed\n", "bad-request"),
+        (b"launch hello\n", "bad-request"),
+        (b"\x00\x01\x02\n", "bad-request"),
+        (b"\xff\xfe\n", "bad-request"),
+        (b"run fail a\n", "bad-arguments"),
+        (b"run\n", "bad-request"),
+    ],
+    ids=lambda value: value[:40].decode(errors="replace") if isinstance(value, bytes) else value,
+)
+def test_bad_text_requests_get_one_error_line(runner: Runner, request_line: bytes, code: str) -> None:
+    reply = runner.request(request_line)
+    assert reply.startswith(f"jobrunner: error: {code}: ".encode()), reply
+    assert reply.count(b"\n") == 1
+    assert runner.exit_statuses()[-1] != 0
+
+
+def test_an_oversized_request_is_refused_without_reading_it_all(runner: Runner) -> None:
+    with runner.connect() as conn:
+        conn.settimeout(15)
+        try:
+            conn.sendall(b"run " + b"x" * (1 << 20))  # 1 MiB, no newline
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the server may close before we finish: that is fine
+        reply = read_all(conn)
+    assert b"jobrunner: error: bad-request: request line longer than 65536 bytes" in reply
+
+
+def test_a_silent_client_is_dropped_at_the_deadline(runner: Runner) -> None:
+    # Ten slow clients at once (slow-loris): each gets its error at the 10 s deadline, none hangs.
+    replies: list[bytes] = []
+
+    def slow_client() -> None:
+        with runner.connect() as conn:
+            conn.settimeout(30)
+            conn.sendall(b"ru")
+            replies.append(read_all(conn))
+
+    started = time.monotonic()
+    threads = [threading.Thread(target=slow_client) for _ in range(10)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(40)
+    elapsed = time.monotonic() - started
+    assert 9 < elapsed < 20
+    assert len(replies) == 10
+    assert all(r.startswith(b"jobrunner: error: bad-request: no complete request line within 10 s") for r in replies)
+    assert runner.exit_statuses(10) == [64] * 10
+
+
+def test_list_shows_only_the_jobs_the_caller_may_run(runner: Runner) -> None:
+    jobs = json.loads(runner.request(b'{"op": "list"}\n'))["jobs"]
+    names = {j["name"] for j in jobs}
+    assert {"hello", "root-only", "echo-args"} <= names
+    assert "nogroup-only" not in names
+    assert next(j for j in jobs if j["name"] == "echo-args")["args"] is True
+    text = runner.request(b"list\n").decode()
+    assert any(line.split()[0] == "hello" and "Greets" in line for line in text.splitlines())
+
+
+def test_a_broken_configuration_is_a_config_error_naming_the_file(runner: Runner) -> None:
+    runner.config.write_text(runner.config.read_text() + "\n[jobs.bad]\ncommand = ['x']\ntimout = 5\n")
+    event = error_event(runner.request(b'{"op": "list"}\n'))
+    assert event["code"] == "config"
+    assert str(runner.config) in str(event["message"]) and "'timout'" in str(event["message"])
+    assert "timeout" in str(event["hint"])
+
+
+def test_connection_closed_before_any_request(runner: Runner) -> None:
+    conn = runner.connect()
+    conn.close()
+    time.sleep(0.5)
+    # The runner gave up on the empty connection; the next client is served normally.
+    assert b"exited with 0" in runner.request(b"run root-only\n")
+    assert runner.exit_statuses(2)[0] == 64
+
+
+def test_errors_never_carry_the_key(runner: Runner) -> None:
+    # A request that quotes the key back at the runner: the error message must not echo it.
+    secret = runner.secret
+    for line in (f"run {secret}\n", f"run hello {secret}$\n", json.dumps({"op": secret}) + "\n"):
+        reply = runner.request(line.encode())
+        assert b"error" in reply and secret.encode() not in reply
+
+
+def test_socket_level_garbage(runner: Runner) -> None:
+    with runner.connect() as conn:
+        conn.settimeout(15)
+        conn.sendall(b"\n")
+        reply = read_all(conn)
+    assert reply.startswith(b"jobrunner: error: bad-request: empty request")
+    raw = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    raw.connect(str(runner.socket))
+    raw.sendall(b'{"op":"list"}')  # no newline, then half-close: still one request
+    raw.shutdown(socket.SHUT_WR)
+    raw.settimeout(15)
+    assert json.loads(read_all(raw))["event"] == "jobs"
+    raw.close()
