@@ -37,7 +37,9 @@ class Runner:
         shutil.copytree(JOBS_DIR, self.project / "bin")
         self.credentials.mkdir()
         (self.credentials / "api-key").write_text(secret + "\n")
-        self.config.write_text((JOBS_DIR.parent / "jobs.toml").read_text().replace("@PROJECT@", str(self.project)))
+        self.config.write_text(
+            (JOBS_DIR.parent / "jobs.toml").read_text().replace("@PROJECT@", str(self.project))
+        )
         self._process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -52,13 +54,22 @@ class Runner:
         env = {**os.environ, "PYTHONPATH": str(REPO)}
         self._process = subprocess.Popen(
             [
-                "systemd-socket-activate", "--accept", "--listen", str(self.socket),
-                "-E", f"JOBRUNNER_CONFIG={self.config}",
-                "-E", f"CREDENTIALS_DIRECTORY={self.credentials}",
-                "-E", f"PYTHONPATH={REPO}",
-                "-E", "LANG=C.UTF-8",
-                sys.executable, str(Path(__file__).parent / "record_exit.py"), str(self.statuses),
-            ],  # fmt: skip
+                "systemd-socket-activate",
+                "--accept",
+                "--listen",
+                str(self.socket),
+                "-E",
+                f"JOBRUNNER_CONFIG={self.config}",
+                "-E",
+                f"CREDENTIALS_DIRECTORY={self.credentials}",
+                "-E",
+                f"PYTHONPATH={REPO}",
+                "-E",
+                "LANG=C.UTF-8",
+                sys.executable,
+                str(Path(__file__).parent / "record_exit.py"),
+                str(self.statuses),
+            ],
             stdout=subprocess.DEVNULL,
             stderr=self.activator_log.open("wb"),
             env=env,
@@ -100,7 +111,9 @@ class Runner:
 
     def exit_statuses(self, count: int = 1) -> list[int]:
         """The exit statuses of the runner processes so far, once at least `count` have exited."""
-        wait_for(lambda: self.statuses.exists() and len(self.statuses.read_text().split()) >= count, 10, "runners")
+        wait_for(
+            lambda: self.statuses.exists() and len(self.statuses.read_text().split()) >= count, 10, "runners"
+        )
         return [int(code) for code in self.statuses.read_text().split()]
 
 

@@ -31,7 +31,10 @@ def error_event(reply: bytes) -> dict[str, object]:
         (b'{"op": "run", "job": "h\xd0\xb5llo"}\n', "unknown-job"),  # a Cyrillic look-alike
         (b'{"op": "run", "job": "fail", "args": ["x"]}\n', "bad-arguments"),
         (b'{"op": "run", "job": "hello", "args": ["$(id)"]}\n', "bad-arguments"),
-        (b'{"op": "run", "job": "echo-args", "args": ' + json.dumps(["a"] * 2000).encode() + b"}\n", "bad-arguments"),
+        (
+            b'{"op": "run", "job": "echo-args", "args": ' + json.dumps(["a"] * 2000).encode() + b"}\n",
+            "bad-arguments",
+        ),
         (b'{"op": "nuke"}\n', "bad-request"),
         (b'{"op": "run", "job": "fail", "extra": 1}\n', "bad-request"),
         (b'{"op": "run", "job": 5}\n', "bad-request"),
@@ -101,7 +104,9 @@ def test_a_silent_client_is_dropped_at_the_deadline(runner: Runner) -> None:
     elapsed = time.monotonic() - started
     assert 9 < elapsed < 20
     assert len(replies) == 10
-    assert all(r.startswith(b"jobrunner: error: bad-request: no complete request line within 10 s") for r in replies)
+    assert all(
+        r.startswith(b"jobrunner: error: bad-request: no complete request line within 10 s") for r in replies
+    )
     assert runner.exit_statuses(10) == [64] * 10
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -50,7 +51,7 @@ def test_text_run_streams_output_and_ends_with_the_exit_line(runner: Runner) -> 
 
 def test_json_run_events_and_the_files_a_run_leaves(runner: Runner) -> None:
     evs = run_json(runner, "hello", "a", "b")
-    assert [e["event"] for e in evs][0] == "accepted"
+    assert next(e["event"] for e in evs) == "accepted"
     assert evs[-1]["event"] == "exit" and evs[-1]["exit_code"] == 0
     run_id = str(evs[0]["run_id"])
     assert evs[-1]["run_id"] == run_id
@@ -213,7 +214,7 @@ def test_concurrency_queue_runs_all_one_at_a_time(runner: Runner) -> None:
     assert [r[-1]["event"] for r in results] == ["exit"] * 3
     intervals = _intervals(runner, "slow-queue")
     assert len(intervals) == 3
-    for (_, end), (next_start, _) in zip(intervals, intervals[1:], strict=False):
+    for (_, end), (next_start, _) in itertools.pairwise(intervals):
         assert next_start >= end  # never two at once
 
 
