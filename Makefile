@@ -1,0 +1,26 @@
+# Entry points for people and CI. Everything here needs root: the end-to-end tests and the demo boot
+# a real systemd in a throwaway Debian container (debootstrap + systemd-nspawn).
+PYTHON ?= python3
+
+.PHONY: test check lint deps demo unit integration e2e
+
+## The whole test suite: lint, unit, integration (systemd-socket-activate) and end-to-end (containers).
+test: deps lint
+	$(PYTHON) -m pytest
+
+## Without the containers: fast feedback while hacking.
+check: lint
+	$(PYTHON) -m pytest -m "not e2e"
+
+lint:
+	$(PYTHON) -m ruff check runner trigger tests
+	$(PYTHON) -m ruff format --check runner trigger tests
+	$(PYTHON) -m mypy --strict runner trigger
+
+## Host packages the tests need (idempotent; apt and pip).
+deps:
+	bash .ci/install-deps
+
+## Boot a throwaway Debian container, install jobrunner, run the example job as a developer.
+demo: deps
+	bash demo/run-demo.sh

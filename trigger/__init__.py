@@ -1,0 +1,1 @@
+"""The jobrunner client: ``jobctl`` and ``trigger_job.sh`` (standard library only)."""

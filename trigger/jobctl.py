@@ -1,0 +1,620 @@
+"""jobctl: run a job on the jobrunner socket and stream its output.
+
+The wire format is docs/protocol.md (JSON requests, JSON Lines replies). This module uses the standard
+library only, and imports little: every developer invocation pays for it.
+"""
+
+from __future__ import annotations  # annotations stay strings: typing is never imported at run time
+
+import argparse
+import contextlib  # already imported by argparse's dependencies
+import errno
+import json
+import os
+import signal
+import socket
+import sys
+from enum import IntEnum
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (2-3 ms at every start-up)
+if TYPE_CHECKING:
+    from collections.abc import Iterator, Sequence
+    from types import FrameType
+    from typing import Any, BinaryIO, NoReturn
+
+DEFAULT_SOCKET = "/run/job.sock"
+SOCKET_ENV = "JOBCTL_SOCKET"
+DEFAULT_GROUP = "jobrunner"  # named in the permission hint when the socket's group cannot be looked up
+MAX_REQUEST = 64 * 1024  # bytes, including the newline (docs/protocol.md)
+RECV_SIZE = 1024 * 1024
+# An output event carries at most ~64 KiB of data; JSON escaping can make that ~6 times longer. Anything
+# far beyond is a broken server, and must not make us buffer without bound.
+MAX_LINE = 16 * 1024 * 1024
+CANCEL_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+START_HINT = "is job.socket running? sudo systemctl enable --now job.socket"
+JOURNAL_HINT = "the server's side is in the journal: journalctl -u 'job@*'"
+
+
+class ExitCode(IntEnum):
+    """jobctl's own exit statuses (sysexits.h where one fits); a finished run exits with the job's."""
+
+    OK = 0
+    USAGE = 64
+    UNAVAILABLE = 69
+    SOFTWARE = 70
+    IOERR = 74
+    TEMPFAIL = 75
+    NOPERM = 77
+    CONFIG = 78
+    BROKEN_PIPE = 128 + signal.SIGPIPE
+    CONNECTION_LOST = 255
+
+
+# The `error` event's codes (docs/protocol.md); any other code is ExitCode.SOFTWARE.
+ERROR_EXIT_CODES: dict[str, ExitCode] = {
+    "bad-request": ExitCode.USAGE,
+    "unknown-job": ExitCode.USAGE,
+    "bad-arguments": ExitCode.USAGE,
+    "forbidden": ExitCode.NOPERM,
+    "busy": ExitCode.TEMPFAIL,
+    "config": ExitCode.CONFIG,
+    "credential": ExitCode.CONFIG,
+    "internal": ExitCode.SOFTWARE,
+}
+
+DESCRIPTION = """\
+Run a job on the jobrunner socket and stream its output. The job runs on the
+server, with credentials you cannot read; you see what it prints, live, and
+jobctl exits with its exit status."""
+
+EPILOG = """\
+examples:
+  jobctl list
+  jobctl run backup
+  jobctl run deploy -- --branch main   (job arguments starting with '-' go
+                                        after '--')
+  jobctl run --detach nightly-report
+  jobctl --json run deploy > events.jsonl
+
+output:
+  run       the job's stdout and stderr, byte for byte, on jobctl's stdout
+            and stderr; if the job was killed by a signal or timed out, one
+            'jobctl:' line on stderr says so
+  --detach  three 'key: value' lines on stdout: run_id, output_dir, log
+  --json    the server's events (JSON Lines, docs/protocol.md) on stdout,
+            exactly as received; stderr only has jobctl's own errors
+            (connecting, lost connection, malformed reply)
+  errors    'jobctl: error: ...' and 'jobctl: hint: ...' lines on stderr
+
+exit status:
+  N     run: the job's exit status; 128+N if it was killed by signal N, 124
+        if it timed out (a job can exit with any code below itself: --json
+        tells them apart)
+  0     list succeeded; run --detach: the run started and keeps running
+  64    usage error; server error bad-request, unknown-job, bad-arguments
+  69    cannot connect: the socket does not exist or nothing listens on it
+  70    server error internal or an unknown code; a malformed reply
+  74    cannot write our output (other than a closed pipe)
+  75    server error busy: this job is already running, try again later
+  77    permission denied on the socket (not in its group); server error
+        forbidden (not in the job's allowed_groups)
+  78    server error config or credential: the service is misconfigured
+  129   SIGHUP, 130 SIGINT (Ctrl-C), 143 SIGTERM: jobctl closed the
+        connection, which cancels the run (a --detach run keeps running)
+  141   our stdout or stderr was closed (jobctl run x | head): jobctl closed
+        the connection, which cancels the run, and prints nothing
+  255   the connection was lost before the final event (exit, error, jobs)
+
+environment:
+  JOBCTL_SOCKET  the socket when --socket is not given (default
+                 /run/job.sock)"""
+
+
+class ClientError(Exception):
+    """A failure jobctl reports as 'jobctl: error: MESSAGE' (and a hint) and maps to an exit status."""
+
+    def __init__(self, message: str, hint: str = "", exit_code: int = ExitCode.SOFTWARE) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+        self.exit_code = exit_code
+
+
+class ServerError(ClientError):
+    """The server's `error` event: already on stdout with --json, so only rendered without it."""
+
+
+class Interrupted(BaseException):
+    """A cancelling signal arrived (a BaseException, like KeyboardInterrupt, so nothing swallows it)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+class OutputClosed(Exception):
+    """Our stdout or stderr is a pipe whose reader went away."""
+
+
+def malformed(what: str, line: bytes = b"") -> ClientError:
+    excerpt = f": {line[:200]!r}" if line else ""
+    return ClientError(f"malformed reply from the server: {what}{excerpt}", JOURNAL_HINT)
+
+
+# --- command line ----------------------------------------------------------------------------------
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """Usage errors exit 64 (EX_USAGE), not argparse's 2, and look like every other jobctl error."""
+
+    def error(self, message: str) -> NoReturn:
+        hint = ""
+        if message.startswith("unrecognized arguments"):
+            hint = "job arguments that start with '-' go after '--': jobctl run NAME -- ARG ..."
+        self.print_usage(sys.stderr)
+        raise ClientError(message, hint, ExitCode.USAGE)
+
+
+def add_common_options(parser: argparse.ArgumentParser, *, command: bool) -> None:
+    """Options accepted before and after the command: on a command they default to SUPPRESS, so that
+    leaving them out there does not undo them being given before it."""
+    suppress = argparse.SUPPRESS
+    parser.add_argument(
+        "--socket",
+        metavar="PATH",
+        default=suppress if command else None,
+        help=f"the job runner's socket (default: ${SOCKET_ENV}, else {DEFAULT_SOCKET})",
+    )
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        default=suppress if command else False,
+        help="print the server's events exactly as received (JSON Lines) instead of rendering them; "
+        "the exit status is the same",
+    )
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        default=suppress if command else False,
+        help="show a traceback for unexpected errors, and the request sent",
+    )
+
+
+def build_parser() -> ArgumentParser:
+    formatter = argparse.RawDescriptionHelpFormatter
+    parser = ArgumentParser(
+        prog="jobctl", description=DESCRIPTION, epilog=EPILOG, formatter_class=formatter, allow_abbrev=False
+    )
+    add_common_options(parser, command=False)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands", required=True)
+    run = commands.add_parser(
+        "run",
+        help="run a job, stream its output and exit with its exit status",
+        description="Run job NAME with arguments ARG ... and stream its output; exit with its exit status.",
+        epilog=EPILOG,
+        formatter_class=formatter,
+        allow_abbrev=False,
+    )
+    run.add_argument(
+        "--detach",
+        action="store_true",
+        help="only start the run: print run_id, output_dir and log as 'key: value' lines on stdout and "
+        "exit 0 once the server accepted it; the job keeps running on the server",
+    )
+    add_common_options(run, command=True)
+    run.add_argument("name", metavar="NAME", help="the job's name (see 'jobctl list')")
+    run.add_argument(
+        "args", metavar="ARG", nargs="*", help="arguments for the job (after '--' if any starts with '-')"
+    )
+    listing = commands.add_parser(
+        "list",
+        help="list the jobs you may run",
+        description="List the jobs you may run; 'NAME [ARG ...]' marks those that take arguments.",
+        epilog=EPILOG,
+        formatter_class=formatter,
+        allow_abbrev=False,
+    )
+    add_common_options(listing, command=True)
+    return parser
+
+
+def parse_arguments(parser: ArgumentParser, argv: Sequence[str]) -> argparse.Namespace:
+    """Everything after the first '--' is a job argument, verbatim (argparse's own '--' handling
+    differs between Python versions and drops later '--')."""
+    argv = list(argv)
+    tail: list[str] = []
+    if "--" in argv:
+        split = argv.index("--")
+        argv, tail = argv[:split], argv[split + 1 :]
+    ns = parser.parse_args(argv)
+    if ns.command == "run":
+        ns.args = [*ns.args, *tail]
+    elif tail:
+        parser.error(f"'{ns.command}' takes no arguments")
+    ns.socket = ns.socket or os.environ.get(SOCKET_ENV) or DEFAULT_SOCKET
+    return ns
+
+
+def encode_request(ns: argparse.Namespace) -> bytes:
+    request: dict[str, Any]
+    if ns.command == "run":
+        request = {"op": "run", "job": ns.name, "args": ns.args, "detach": ns.detach}
+        for index, value in enumerate([ns.name, *ns.args]):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                what = "the job name" if index == 0 else f"argument {index}"
+                raise ClientError(f"{what} is not valid UTF-8: {value!r}", "", ExitCode.USAGE) from None
+    else:
+        request = {"op": "list"}
+    line = json.dumps(request, ensure_ascii=False).encode("utf-8") + b"\n"
+    if len(line) > MAX_REQUEST:
+        raise ClientError(
+            f"the request is {len(line)} bytes, the server takes at most {MAX_REQUEST}",
+            "pass fewer or shorter arguments",
+            ExitCode.USAGE,
+        )
+    return line
+
+
+# --- the connection --------------------------------------------------------------------------------
+
+
+def socket_group(path: str) -> str:
+    try:
+        import grp  # lazily: only this hint needs it
+
+        return grp.getgrgid(os.stat(path).st_gid).gr_name
+    except (OSError, KeyError, ImportError):
+        return DEFAULT_GROUP
+
+
+def connect_error(path: str, exc: OSError) -> ClientError:
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        group = socket_group(path)
+        return ClientError(
+            f"permission denied connecting to {path}",
+            f"you need to be in the group that owns the socket: sudo usermod -aG {group} $USER, "
+            "then log in again",
+            ExitCode.NOPERM,
+        )
+    if exc.errno == errno.ENOENT:
+        return ClientError(f"{path} does not exist", START_HINT, ExitCode.UNAVAILABLE)
+    if exc.errno == errno.ECONNREFUSED:
+        return ClientError(f"nothing is listening on {path}", START_HINT, ExitCode.UNAVAILABLE)
+    return ClientError(f"cannot connect to {path}: {exc.strerror or exc}", START_HINT, ExitCode.UNAVAILABLE)
+
+
+def connect(path: str) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.connect(path)
+    except OSError as exc:
+        sock.close()
+        raise connect_error(path, exc) from None
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def send_request(sock: socket.socket, request: bytes) -> None:
+    # The server may have replied (an error) and closed before reading everything: read what it said.
+    with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+        sock.sendall(request)
+
+
+def read_lines(sock: socket.socket) -> Iterator[bytes]:
+    """The reply's lines, each with its newline (the last one may lack it). Memory stays at one line
+    plus one recv() buffer however long the reply is."""
+    buffer = bytearray()
+    while True:
+        try:
+            chunk = sock.recv(RECV_SIZE)
+        except (ConnectionResetError, BrokenPipeError):
+            chunk = b""
+        if not chunk:
+            break
+        scanned = len(buffer)
+        buffer += chunk
+        start = 0
+        while (end := buffer.find(b"\n", scanned)) != -1:
+            yield bytes(buffer[start : end + 1])
+            start = scanned = end + 1
+        del buffer[:start]
+        if len(buffer) > MAX_LINE:
+            raise malformed(f"a line longer than {MAX_LINE} bytes", bytes(buffer[:200]))
+    if buffer:
+        yield bytes(buffer)
+
+
+def parse_event(line: bytes) -> dict[str, Any]:
+    try:
+        event = json.loads(line)
+    except ValueError:  # also UnicodeDecodeError
+        raise malformed("not JSON", line) from None
+    if not isinstance(event, dict) or not isinstance(event.get("event"), str):
+        raise malformed("not an object with an 'event' field", line)
+    return event
+
+
+# --- rendering -------------------------------------------------------------------------------------
+
+
+def output_data(event: dict[str, Any]) -> bytes:
+    text, encoded = event.get("text"), event.get("base64")
+    if isinstance(text, str) and encoded is None:
+        try:
+            return text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise malformed("an output event's text is not UTF-8") from None
+    if isinstance(encoded, str) and text is None:
+        import base64  # lazily: only non-UTF-8 output needs it
+        import binascii
+
+        try:
+            return base64.b64decode(encoded, validate=True)
+        except binascii.Error:
+            raise malformed("an output event's base64 does not decode") from None
+    raise malformed("an output event needs exactly one of 'text' and 'base64'")
+
+
+def exit_status(event: dict[str, Any]) -> int:
+    code = event.get("exit_code")
+    if type(code) is not int or not 0 <= code <= 255:  # bool is not an exit code
+        raise malformed(f"exit_code {code!r} is not a number from 0 to 255")
+    return code
+
+
+def server_error(event: dict[str, Any]) -> ServerError:
+    code = event.get("code")
+    if not isinstance(code, str):
+        raise malformed(f"error code {code!r} is not a string")
+    message, hint, run_id = event.get("message"), event.get("hint"), event.get("run_id")
+    text = f"{code}: {message if isinstance(message, str) and message else '(no message)'}"
+    if isinstance(run_id, str):
+        text += f" (run {run_id})"
+    return ServerError(
+        text, hint if isinstance(hint, str) else "", ERROR_EXIT_CODES.get(code, ExitCode.SOFTWARE)
+    )
+
+
+def signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+
+
+def exit_note(event: dict[str, Any]) -> str:
+    """One line when a shell would not say it by itself: the job timed out or was killed."""
+    job, run_id, log = event.get("job"), event.get("run_id"), event.get("log")
+    where = f" (run {run_id}" + (f", log {log})" if isinstance(log, str) else ")")
+    if event.get("timed_out") is True:
+        return f"jobctl: job {job!r} timed out and was stopped{where}\n"
+    number = event.get("signal")
+    if type(number) is int:
+        return f"jobctl: job {job!r} was killed by {signal_name(number)}{where}\n"
+    return ""
+
+
+def format_jobs(jobs: object) -> str:
+    if not isinstance(jobs, list) or not all(
+        isinstance(job, dict) and isinstance(job.get("name"), str) for job in jobs
+    ):
+        raise malformed("'jobs' is not a list of objects with a 'name'")
+    rows = []
+    for job in jobs:
+        usage = job["name"] + (" [ARG ...]" if job.get("args") is True else "")
+        description = job.get("description")
+        rows.append((usage, " ".join(description.split()) if isinstance(description, str) else ""))
+    width = max((len(usage) for usage, _ in rows), default=0)
+    return "".join(f"{usage:<{width}}  {description}".rstrip() + "\n" for usage, description in rows)
+
+
+class Terminal:
+    """Where jobctl writes: the job's bytes and our own messages, each flushed at once so they
+    interleave in order and stream live."""
+
+    def __init__(self, stdout: BinaryIO, stderr: BinaryIO) -> None:
+        self.stdout = stdout
+        self.stderr = stderr
+
+    def write(self, stream: BinaryIO, data: bytes) -> None:
+        try:
+            stream.write(data)
+            stream.flush()
+        except BrokenPipeError:
+            raise OutputClosed from None
+        except OSError as exc:
+            name = "stdout" if stream is self.stdout else "stderr"
+            raise ClientError(f"cannot write to {name}: {exc.strerror or exc}", "", ExitCode.IOERR) from None
+
+    def out(self, data: bytes) -> None:
+        self.write(self.stdout, data)
+
+    def say(self, text: str) -> None:
+        """Our own messages: when stderr is gone there is nowhere left to complain."""
+        with contextlib.suppress(OutputClosed, ClientError):
+            self.write(self.stderr, text.encode("utf-8", "backslashreplace"))
+
+    def report(self, error: ClientError) -> None:
+        self.say(
+            f"jobctl: error: {error.message}\n" + (f"jobctl: hint: {error.hint}\n" if error.hint else "")
+        )
+
+
+# --- the conversation ------------------------------------------------------------------------------
+
+
+class Session:
+    """One request and its reply: sends, reads events until the final one, renders them (or, with
+    --json, passes them through) and returns the exit status; raises for every failure."""
+
+    def __init__(self, ns: argparse.Namespace, term: Terminal) -> None:
+        self.ns = ns
+        self.term = term
+        self.raw: bool = ns.json
+        self.finals = ("exit", "error") if ns.command == "run" else ("jobs", "error")
+        self.sock: socket.socket | None = None
+        self.accepted: dict[str, Any] = {}
+
+    def run(self) -> int:
+        request = encode_request(self.ns)
+        if self.ns.debug:
+            self.term.say(f"jobctl: debug: sending {request!r} to {self.ns.socket}\n")
+        self.sock = connect(self.ns.socket)
+        send_request(self.sock, request)
+        for line in read_lines(self.sock):
+            try:
+                event = parse_event(line)
+            except ClientError:
+                if not line.endswith(b"\n"):  # cut off by the end of the connection, not malformed
+                    break
+                raise
+            status = self.handle(event, line)
+            if status is not None:
+                return status
+        raise self.lost()
+
+    def close(self) -> None:
+        """Closing the connection is how a run that was not detached is cancelled."""
+        if self.sock is not None:
+            self.sock.close()
+
+    def handle(self, event: dict[str, Any], line: bytes) -> int | None:
+        kind = event["event"]
+        if kind in ("exit", "error", "jobs") and kind not in self.finals:
+            raise malformed(f"an unexpected {kind!r} event in reply to {self.ns.command!r}", line)
+        if self.raw:
+            self.term.out(line)
+        if kind == "output":
+            self.on_output(event)
+        elif kind == "accepted" and self.ns.command == "run":
+            return self.on_accepted(event)
+        elif kind == "exit":
+            return self.on_exit(event)
+        elif kind == "error":
+            raise server_error(event)
+        elif kind == "jobs":
+            return self.on_jobs(event)
+        return None  # anything else is a newer server's event: ignore it
+
+    def on_output(self, event: dict[str, Any]) -> None:
+        stream = event.get("stream")
+        if self.raw or stream not in ("stdout", "stderr"):
+            return
+        self.term.write(self.term.stdout if stream == "stdout" else self.term.stderr, output_data(event))
+
+    def on_accepted(self, event: dict[str, Any]) -> int | None:
+        self.accepted = event
+        if self.ns.debug:
+            self.term.say(f"jobctl: debug: accepted {event!r}\n")
+        if not self.ns.detach:
+            return None
+        if not self.raw:
+            fields = ("run_id", "output_dir", "log")
+            self.term.out("".join(f"{field}: {event.get(field, '')}\n" for field in fields).encode())
+        return ExitCode.OK
+
+    def on_exit(self, event: dict[str, Any]) -> int:
+        status = exit_status(event)
+        if not self.raw and (note := exit_note(event)):
+            self.term.say(note)
+        return status
+
+    def on_jobs(self, event: dict[str, Any]) -> int:
+        table = format_jobs(event.get("jobs"))
+        if self.raw:
+            pass
+        elif table:
+            self.term.out(table.encode("utf-8", "backslashreplace"))
+        else:
+            self.term.say("jobctl: there are no jobs you may run\n")
+        return ExitCode.OK
+
+    def lost(self) -> ClientError:
+        if self.accepted:
+            run_id, log = self.accepted.get("run_id"), self.accepted.get("log")
+            hint = f"run {run_id} was cancelled or is still running; its log: {log}"
+        else:
+            hint = JOURNAL_HINT
+        message = "the connection to the job runner was lost before the final event"
+        return ClientError(message, hint, ExitCode.CONNECTION_LOST)
+
+
+def raise_interrupted(signum: int, frame: FrameType | None) -> NoReturn:
+    for number in CANCEL_SIGNALS:  # a second Ctrl-C must not interrupt the clean-up
+        signal.signal(number, signal.SIG_IGN)
+    raise Interrupted(signum)
+
+
+def catch_signals() -> dict[int, Any]:
+    """Turn SIGINT, SIGTERM and SIGHUP into Interrupted; leave ignored ones ignored (nohup, '&')."""
+    previous: dict[int, Any] = {}
+    for number in CANCEL_SIGNALS:
+        handler = signal.getsignal(number)
+        if handler is signal.SIG_IGN:
+            continue
+        try:
+            signal.signal(number, raise_interrupted)
+        except ValueError:  # not the main thread (jobctl used as a library): no signal handling
+            break
+        previous[number] = handler
+    return previous
+
+
+def silence_stdout() -> None:
+    """After EPIPE, keep Python from failing again when it flushes stdout at exit."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):
+        pass
+
+
+def execute(ns: argparse.Namespace, term: Terminal) -> int:
+    """Run the session and map every way it can end to an exit status: the only place that does."""
+    session = Session(ns, term)
+    try:
+        return session.run()
+    except Interrupted as exc:
+        session.close()  # first, so that the cancel does not wait for the message
+        if session.sock is not None and ns.command == "run" and not ns.detach:
+            term.say(f"jobctl: {signal_name(exc.signum)}: closed the connection, which cancels the run\n")
+        return 128 + exc.signum
+    except OutputClosed:
+        session.close()
+        silence_stdout()
+        return ExitCode.BROKEN_PIPE
+    except ClientError as exc:
+        if not (ns.json and isinstance(exc, ServerError)):  # with --json the event is on stdout
+            term.report(exc)
+        return exc.exit_code
+    except Exception as exc:
+        if ns.debug:
+            import traceback
+
+            traceback.print_exc()
+        term.report(ClientError(f"unexpected {type(exc).__name__}: {exc}", "rerun with --debug for details"))
+        return ExitCode.SOFTWARE
+    finally:
+        session.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    term = Terminal(sys.stdout.buffer, sys.stderr.buffer)
+    try:
+        ns = parse_arguments(build_parser(), sys.argv[1:] if argv is None else argv)
+    except ClientError as exc:
+        term.report(exc)
+        return exc.exit_code
+    except SystemExit as exc:  # --help
+        return exc.code if isinstance(exc.code, int) else ExitCode.USAGE
+    previous = catch_signals()
+    try:
+        return int(execute(ns, term))
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
