@@ -95,6 +95,9 @@ class ClientChannel:
         if not self.conn.recv(4096):
             self._half_closed = True
 
+    def give_up(self) -> None:
+        self._lose()
+
     def _lose(self) -> None:
         self.gone = True
         self._pending = memoryview(b"")
@@ -116,6 +119,9 @@ class ConsoleChannel:
         return 0
 
     def on_ready(self, revents: int) -> None:
+        pass
+
+    def give_up(self) -> None:
         pass
 
     def output(self, stream: str, data: bytes) -> None:

@@ -22,6 +22,7 @@ CREDENTIAL_NAME_PATTERN = re.compile(r"[A-Za-z0-9_.-]{1,255}")
 ENV_NAME_PATTERN = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 CREDENTIAL_REFERENCE = "credential:"
 DEFAULT_TIMEOUT_S = 3600.0
+MAX_TIMEOUT_S = 86400.0  # job@.service's RuntimeMaxSec=
 
 # The environment the runner itself sets for every job; `env` may not override these.
 RESERVED_ENV = frozenset(
@@ -218,8 +219,12 @@ def _string_list(table: Mapping[str, Any], key: str, where: str, *, required: bo
 
 def _timeout(table: Mapping[str, Any], where: str) -> float:
     value = table.get("timeout", DEFAULT_TIMEOUT_S)
-    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
-        raise ConfigError(f"{where}: key 'timeout' must be a positive number of seconds, not {value!r}", "")
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= MAX_TIMEOUT_S:
+        raise ConfigError(
+            f"{where}: key 'timeout' must be a number of seconds, above 0 and at most {MAX_TIMEOUT_S:g}, "
+            f"not {value!r}",
+            "the unit's RuntimeMaxSec=1d stops any run after a day anyway",
+        )
     return float(value)
 
 
@@ -246,8 +251,10 @@ def _parse_env(value: Any, where: str) -> dict[str, str]:
             raise ConfigError(f"{where}: key 'env': invalid variable name {name!r}", "")
         if name in RESERVED_ENV:
             raise ConfigError(f"{where}: key 'env': {name} is set by the runner and cannot be overridden", "")
-        if not isinstance(v, str) or "\0" in v:
+        if not isinstance(v, str):
             raise ConfigError(f"{where}: key 'env': {name} must be a string, not {_type(v)}", "")
+        if "\0" in v:
+            raise ConfigError(f"{where}: key 'env': {name} contains a NUL character", "")
     return dict(value)
 
 

@@ -27,6 +27,8 @@ READ_SIZE = 1 << 20
 PIPE_SIZE = 1 << 20  # the largest an unprivileged process may ask for (fs.pipe-max-size)
 KILL_GRACE_S = 10.0  # SIGTERM, then SIGKILL this much later
 DRAIN_IDLE_S = 1.0  # after the job exits, how long a pipe held open by an escaped process may stay silent
+CLIENT_STALL_S = 30.0  # after the job exits, how long a client that reads nothing may hold the run open
+MAX_POLL_MS = 60_000
 F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 JOB_PATH = "/usr/local/bin:/usr/bin:/bin"
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
@@ -43,6 +45,7 @@ class Channel(Protocol):
     def poll_events(self) -> int: ...
     def on_ready(self, revents: int) -> None: ...
     def output(self, stream: str, data: bytes) -> None: ...
+    def give_up(self) -> None: ...
 
 
 class LogSink(Protocol):
@@ -119,6 +122,7 @@ def start(argv: Sequence[str], env: Mapping[str, str], workdir: Path) -> Process
                 (os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0),
                 (os.POSIX_SPAWN_DUP2, out_w, 1),
                 (os.POSIX_SPAWN_DUP2, err_w, 2),
+                *((os.POSIX_SPAWN_CLOSE, fd) for fd in _inheritable_fds() if fd not in (out_w, err_w)),
             ],
             setpgroup=0,
             setsigmask=(),
@@ -138,6 +142,20 @@ def start(argv: Sequence[str], env: Mapping[str, str], workdir: Path) -> Process
     os.close(out_w)
     os.close(err_w)
     return Process(pid=pid, pidfd=os.pidfd_open(pid), stdout=out_r, stderr=err_r)
+
+
+def _inheritable_fds() -> list[int]:
+    """Descriptors above stderr that would survive exec: posix_spawn has no close_fds, so close them.
+    (Python opens everything close-on-exec; this catches what the runner was started with.)"""
+    fds = []
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        try:
+            if fd > 2 and os.get_inheritable(fd):
+                fds.append(fd)
+        except OSError:
+            pass  # the directory listing's own descriptor, already closed
+    return fds
 
 
 def _find_program(name: str, path: str) -> str:
@@ -187,6 +205,7 @@ class Supervisor:
         self.stop_reason: StopReason | None = None
         self.kill_at: float | None = None
         self.last_output = self.started
+        self.exited_at = self.started  # set when the job exits
         self.stop_requested = False
 
     def run(self) -> Outcome:
@@ -259,7 +278,7 @@ class Supervisor:
         # kill what it left running in its group first, then reap it.
         self._signal_group(signal.SIGKILL)
         _, self.status = os.waitpid(self.process.pid, 0)
-        self.last_output = time.monotonic()
+        self.exited_at = self.last_output = time.monotonic()
 
     def _on_wakeup(self, wakeup_r: int) -> None:
         try:
@@ -277,17 +296,22 @@ class Supervisor:
         if self.status is None and self.kill_at is not None and now >= self.kill_at:
             self._signal_group(signal.SIGKILL)
             self.kill_at = None
+        if self.status is not None and self.channel.has_pending() and now >= self.exited_at + CLIENT_STALL_S:
+            self.channel.give_up()  # the job is done; a client that takes nothing must not keep us here
 
-    def _next_timer_ms(self) -> int | None:
-        now = time.monotonic()
-        timers = []
+    def _next_timer(self) -> float | None:
         if self.status is None:
-            timers.append(self.kill_at if self.kill_at is not None else self.deadline)
-        elif self.streams:
-            timers.append(self.last_output + DRAIN_IDLE_S)
-        if not timers:
-            return None
-        return max(0, int((min(timers) - now) * 1000) + 1)
+            return self.kill_at if self.kill_at is not None else self.deadline
+        if self.channel.has_pending():
+            return self.exited_at + CLIENT_STALL_S
+        return self.last_output + DRAIN_IDLE_S if self.streams else None
+
+    def _next_timer_ms(self) -> int:
+        timer = self._next_timer()
+        if timer is None:
+            return MAX_POLL_MS
+        # poll() takes an int of milliseconds; the loop re-checks its timers after every wake-up anyway.
+        return int(max(0.0, min(MAX_POLL_MS, (timer - time.monotonic()) * 1000 + 1)))
 
     def _drain_expired(self) -> bool:
         # Pipes still open after the job exited: something outside its process group holds them.

@@ -56,20 +56,23 @@ def check_allowed(peer: Peer, job_name: str, allowed_groups: Iterable[str]) -> N
     names = list(allowed_groups)
     if not names:
         return
-    for name in names:
-        try:
-            if grp.getgrnam(name).gr_gid in peer.groups:
-                return
-        except KeyError:
-            raise ConfigError(
-                f"job '{job_name}': allowed_groups names group {name!r}, which does not exist",
-                "create the group (sysusers.d) or fix allowed_groups in jobs.toml",
-            ) from None
+    if not {_group_id(name, job_name) for name in names}.isdisjoint(peer.groups):
+        return
     raise ForbiddenError(
         f"{user_name(peer.uid)} may not run job '{job_name}'",
         f"members of {', '.join(names)} may run it: ask an administrator to add you "
         f"(sudo usermod -aG {names[0]} {user_name(peer.uid)}), then log in again",
     )
+
+
+def _group_id(name: str, job_name: str) -> int:
+    try:
+        return grp.getgrnam(name).gr_gid
+    except KeyError:
+        raise ConfigError(
+            f"job '{job_name}': allowed_groups names group {name!r}, which does not exist",
+            "create the group (sysusers.d) or fix allowed_groups in jobs.toml",
+        ) from None
 
 
 def user_name(uid: int) -> str:

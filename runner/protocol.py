@@ -97,6 +97,8 @@ def _parse_text(text: str) -> Request:
         return Request(Form.TEXT, "list")
     if op == "run" and rest:
         return _run_request(Form.TEXT, rest[0], rest[1:], detach=False)
+    if op == "run":
+        raise RequestError("'run' needs a job name", "send 'run NAME [ARG ...]'")
     raise RequestError(f"unknown request {op!r}", "send 'list' or 'run NAME [ARG ...]'")
 
 
@@ -124,6 +126,8 @@ def _parse_json(text: str) -> Request:
         raise RequestError('"args" must be a list of strings', "")
     if not isinstance(detach, bool):
         raise RequestError('"detach" must be true or false', "")
+    if not all(_is_unicode(s) for s in (job, *args)):
+        raise RequestError("request contains an invalid \\u escape (a lone surrogate)", "send UTF-8 text")
     return _run_request(Form.JSON, job, args, detach=detach)
 
 
@@ -135,6 +139,15 @@ def _run_request(form: Form, job: str, args: list[str], *, detach: bool) -> Requ
     if len(args) > MAX_ARGUMENTS:
         raise ArgumentsError(f"too many arguments ({len(args)}; at most {MAX_ARGUMENTS})", "")
     return Request(form, "run", job, tuple(args), detach)
+
+
+def _is_unicode(text: str) -> bool:
+    # json accepts "\ud800" escapes, which are no characters: they cannot reach argv as UTF-8.
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _short(text: str, limit: int = 80) -> str:

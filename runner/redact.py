@@ -58,16 +58,20 @@ class StreamRedactor:
         if not redactor.secrets:
             return chunk
         data = self._carry + chunk if self._carry else chunk
+        # Hold back the tail that may still grow into a secret (even one that contains a shorter secret
+        # that already matched: "postgres://app:PASS" may yet become the whole DATABASE_URL).
+        cut = len(data) - redactor.held_back_length(data)
         # `in` is a fast substring search; the regex runs only on the rare chunk that holds a secret.
         found = any(secret in data for secret in redactor.secrets)
-        # A match may end in the tail we would otherwise hold back: emit up to the end of the last match.
-        last_match_end = max((m.end() for m in redactor.finditer(data)), default=0) if found else 0
-        hold = min(redactor.held_back_length(data), len(data) - last_match_end)
-        cut = len(data) - hold
+        if found:
+            for match in redactor.finditer(data):
+                if match.start() < cut < match.end():
+                    cut = match.start()  # never emit part of a secret: keep the whole match for later
+                    break
         self._carry = data[cut:]
         return redactor.redact(data[:cut]) if found else data[:cut]
 
     def flush(self) -> bytes:
-        """The held-back tail at the end of the stream (it never completed a secret)."""
+        """The held-back tail at the end of the stream, redacted (it may hold a short secret whole)."""
         rest, self._carry = self._carry, b""
-        return rest
+        return self._redactor.redact(rest)

@@ -13,11 +13,11 @@ from runner.errors import InternalError
 
 
 def new_run_id(now: float | None = None) -> str:
-    """`20261128T154402-123456-3fa9`: UTC start time to the microsecond, then random bits; sorts by time."""
+    """`20261128T154402-123456-3fa9c0de`: UTC start to the microsecond, then random bits; sorts by time."""
     now = time.time() if now is None else now
     seconds = int(now)
     micros = int((now - seconds) * 1_000_000)
-    return f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime(seconds))}-{micros:06d}-{os.urandom(2).hex()}"
+    return f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime(seconds))}-{micros:06d}-{os.urandom(4).hex()}"
 
 
 def iso_time(t: float) -> str:

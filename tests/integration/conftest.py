@@ -76,7 +76,7 @@ class Runner:
             start_new_session=True,
         )
         deadline = time.monotonic() + 10
-        while not self.socket.exists():
+        while not _listening(self.socket):
             if time.monotonic() > deadline or self._process.poll() is not None:
                 raise RuntimeError(f"systemd-socket-activate did not start: {self.activator_log.read_text()}")
             time.sleep(0.02)
@@ -115,6 +115,15 @@ class Runner:
             lambda: self.statuses.exists() and len(self.statuses.read_text().split()) >= count, 10, "runners"
         )
         return [int(code) for code in self.statuses.read_text().split()]
+
+
+def _listening(path: Path) -> bool:
+    """Whether a unix socket at `path` accepts connections yet (bind() creates the file before listen())."""
+    for line in Path("/proc/net/unix").read_text().splitlines()[1:]:
+        fields = line.split()
+        if len(fields) == 8 and fields[7] == str(path) and int(fields[3], 16) & 0x10000:  # __SO_ACCEPTCON
+            return True
+    return False
 
 
 def read_all(conn: socket.socket) -> bytes:

@@ -1,0 +1,499 @@
+"""runner/config.py: jobs.toml into Job values, and a ConfigError naming file, job and key for each mistake."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from runner.config import Concurrency, Config, config_path, load_config
+from runner.errors import ConfigError
+
+# The keys a job table may have (INSTALL.md, docs): written out here, not imported from the module.
+VALID_JOB_KEYS = (
+    "command",
+    "description",
+    "workdir",
+    "timeout",
+    "args",
+    "env",
+    "credentials",
+    "allowed_groups",
+    "concurrency",
+)
+# Set by the runner for every job (docs): `env` may not override them.
+RESERVED_ENV = ("PATH", "LANG", "HOME", "CREDENTIALS_DIRECTORY", "JOB_NAME", "JOB_RUN_ID", "JOB_OUTPUT_DIR")
+
+
+def write_config(tmp_path: Path, body: str, *, project: Path | None = None) -> Path:
+    """A jobs.toml with a [runner] table for `project` (default tmp_path/project), then `body`."""
+    project = project or tmp_path / "project"
+    path = tmp_path / "jobs.toml"
+    path.write_text(f'[runner]\nproject = "{project}"\n\n' + textwrap.dedent(body), encoding="utf-8")
+    return path
+
+
+def write_raw(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "jobs.toml"
+    path.write_text(textwrap.dedent(text), encoding="utf-8")
+    return path
+
+
+def config_error(path: Path) -> ConfigError:
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    return info.value
+
+
+# --------------------------------------------------------------------------------------- a valid file
+
+
+def test_full_config_parses_every_key_into_job_values(tmp_path: Path) -> None:
+    project = tmp_path / "project"
+    path = write_raw(
+        tmp_path,
+        f"""\
+        [runner]
+        project = "{project}"
+        outputs = "/srv/jobrunner/outputs"
+        logs = "var/logs"
+
+        [jobs.build]
+        command = ["bin/build", "--all", "two words"]
+        description = "Build everything"
+        workdir = "src/app"
+        timeout = 90
+        args = '[A-Za-z0-9_.-]+'
+        env = {{ MODE = "fast", OPENAI_API_KEY = "credential:openai" }}
+        credentials = ["openai", "github.token"]
+        allowed_groups = ["developers", "ops"]
+        concurrency = "queue"
+
+        [jobs.lint]
+        command = ["python3", "-m", "ruff", "check"]
+
+        [jobs.sys-info]
+        command = ["/usr/bin/env", "true"]
+        workdir = "/srv/elsewhere"
+        timeout = 2.5
+        args = false
+        concurrency = "parallel"
+        """,
+    )
+
+    config = load_config(path)
+
+    assert isinstance(config, Config)
+    assert config.path == path
+    assert config.project == project
+    assert config.outputs == Path("/srv/jobrunner/outputs")  # absolute: as given
+    assert config.logs == project / "var" / "logs"  # relative: under the project
+    assert list(config.jobs) == ["build", "lint", "sys-info"]
+
+    build = config.jobs["build"]
+    assert build.name == "build"
+    assert build.command == (f"{project}/bin/build", "--all", "two words")  # a project path
+    assert build.description == "Build everything"
+    assert build.workdir == project / "src" / "app"
+    assert build.timeout_s == 90.0
+    assert build.args_pattern is not None
+    assert build.accepts_arguments()
+    assert build.args_pattern.fullmatch("release-1.2_x")
+    assert not build.args_pattern.fullmatch("no spaces")
+    assert dict(build.env) == {"MODE": "fast", "OPENAI_API_KEY": "credential:openai"}
+    assert build.credentials == ("openai", "github.token")
+    assert build.allowed_groups == ("developers", "ops")
+    assert build.concurrency is Concurrency.QUEUE
+
+    lint = config.jobs["lint"]
+    assert lint.command == ("python3", "-m", "ruff", "check")  # a bare name is looked up in PATH later
+    assert lint.description == ""
+    assert lint.workdir == project  # default: the project itself
+    assert lint.timeout_s == 3600.0  # default: one hour
+    assert lint.args_pattern is None
+    assert not lint.accepts_arguments()
+    assert dict(lint.env) == {}
+    assert lint.credentials == ()
+    assert lint.allowed_groups == ()
+    assert lint.concurrency is Concurrency.REJECT  # default
+
+    info = config.jobs["sys-info"]
+    assert info.command == ("/usr/bin/env", "true")  # absolute: as given
+    assert info.workdir == Path("/srv/elsewhere")
+    assert info.timeout_s == 2.5
+    assert info.args_pattern is None
+    assert info.concurrency is Concurrency.PARALLEL
+
+
+def test_outputs_and_logs_default_to_directories_in_the_project(tmp_path: Path) -> None:
+    project = tmp_path / "p"
+    config = load_config(write_config(tmp_path, "", project=project))
+
+    assert config.outputs == project / "outputs"
+    assert config.logs == project / "logs"
+    assert dict(config.jobs) == {}
+
+
+def test_a_dot_slash_program_is_resolved_against_the_project(tmp_path: Path) -> None:
+    project = tmp_path / "p"
+    path = write_config(tmp_path, '[jobs.a]\ncommand = ["./run.sh"]\n', project=project)
+
+    assert Path(load_config(path).jobs["a"].command[0]) == project / "run.sh"
+
+
+def test_only_parallel_runs_without_a_lock() -> None:
+    assert Concurrency.REJECT.needs_lock()
+    assert Concurrency.QUEUE.needs_lock()
+    assert not Concurrency.PARALLEL.needs_lock()
+
+
+def test_jobrunner_config_environment_variable_overrides_the_default_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = write_config(tmp_path, '[jobs.hello]\ncommand = ["/bin/echo", "hi"]\n')
+    monkeypatch.setenv("JOBRUNNER_CONFIG", str(path))
+
+    assert config_path() == path
+    config = load_config()
+    assert config.path == path
+    assert list(config.jobs) == ["hello"]
+
+
+@pytest.mark.parametrize("value", [None, ""])
+def test_without_jobrunner_config_the_system_file_is_used(
+    monkeypatch: pytest.MonkeyPatch, value: str | None
+) -> None:
+    if value is None:
+        monkeypatch.delenv("JOBRUNNER_CONFIG", raising=False)
+    else:
+        monkeypatch.setenv("JOBRUNNER_CONFIG", value)
+
+    assert config_path() == Path("/etc/jobrunner/jobs.toml")
+
+
+# ------------------------------------------------------------------------------- mistakes in a job
+
+
+@pytest.mark.parametrize(
+    ("body", "key"),
+    [
+        ('command = "bin/build"', "command"),
+        ("command = [1, 2]", "command"),
+        ("command = []", "command"),
+        ('command = ["bin/build", "a\\u0000b"]', "command"),
+        ("description = 5", "description"),
+        ('description = ["a"]', "description"),
+        ('workdir = ["src"]', "workdir"),
+        ("workdir = 1", "workdir"),
+        ('timeout = "10"', "timeout"),
+        ("timeout = 0", "timeout"),
+        ("timeout = -5", "timeout"),
+        ("timeout = true", "timeout"),
+        ("timeout = nan", "timeout"),
+        ("timeout = [1]", "timeout"),
+        ("args = true", "args"),
+        ("args = 5", "args"),
+        ('args = ["a"]', "args"),
+        ("args = '[unclosed'", "args"),
+        ("args = '(?P<x'", "args"),
+        ('env = "MODE=fast"', "env"),
+        ('env = ["MODE"]', "env"),
+        ('env = { "1BAD" = "x" }', "env"),
+        ('env = { "WITH-DASH" = "x" }', "env"),
+        ("env = { MODE = 5 }", "env"),
+        ("env = { MODE = { a = 1 } }", "env"),
+        ('credentials = "openai"', "credentials"),
+        ("credentials = [1]", "credentials"),
+        ('credentials = ["bad/name"]', "credentials"),
+        ('credentials = [""]', "credentials"),
+        ('allowed_groups = "developers"', "allowed_groups"),
+        ("allowed_groups = [7]", "allowed_groups"),
+        ('concurrency = "sometimes"', "concurrency"),
+        ("concurrency = 1", "concurrency"),
+        ('concurrency = ["queue"]', "concurrency"),
+    ],
+)
+def test_a_bad_value_names_the_file_the_job_and_the_key(tmp_path: Path, body: str, key: str) -> None:
+    command = "" if body.startswith("command") else 'command = ["bin/build"]\n'
+    path = write_config(tmp_path, f"[jobs.build]\n{command}{body}\n")
+
+    error = config_error(path)
+
+    assert str(path) in error.message
+    assert "job 'build'" in error.message
+    assert f"'{key}'" in error.message
+    assert error.code == "config"
+    assert error.exit_status == 78
+
+
+def test_missing_command_names_the_key(tmp_path: Path) -> None:
+    path = write_config(tmp_path, '[jobs.build]\ndescription = "no command"\n')
+
+    error = config_error(path)
+
+    assert str(path) in error.message
+    assert "job 'build'" in error.message
+    assert "missing key 'command'" in error.message
+    assert "command = [" in error.hint  # an example of what to write
+
+
+def test_unknown_key_lists_the_valid_keys_in_the_hint(tmp_path: Path) -> None:
+    path = write_config(tmp_path, '[jobs.deploy]\ncommand = ["bin/deploy"]\ntimout = 5\n')
+
+    error = config_error(path)
+
+    assert str(path) in error.message
+    assert "job 'deploy'" in error.message
+    assert "unknown key 'timout'" in error.message
+    for key in VALID_JOB_KEYS:
+        assert key in error.hint
+
+
+def test_bad_regular_expression_says_so(tmp_path: Path) -> None:
+    path = write_config(tmp_path, "[jobs.build]\ncommand = [\"bin/build\"]\nargs = '[a-z'\n")
+
+    error = config_error(path)
+
+    assert "'args'" in error.message
+    assert "regular expression" in error.message
+
+
+def test_wrong_type_for_args_hints_at_false_or_a_pattern(tmp_path: Path) -> None:
+    path = write_config(tmp_path, '[jobs.build]\ncommand = ["bin/build"]\nargs = true\n')
+
+    error = config_error(path)
+
+    assert "false" in error.message
+    assert "args = " in error.hint
+
+
+def test_unknown_concurrency_lists_the_policies(tmp_path: Path) -> None:
+    path = write_config(tmp_path, '[jobs.build]\ncommand = ["bin/build"]\nconcurrency = "serial"\n')
+
+    error = config_error(path)
+
+    for policy in ("reject", "queue", "parallel"):
+        assert policy in error.message
+    assert "'serial'" in error.message
+
+
+@pytest.mark.parametrize("name", RESERVED_ENV)
+def test_env_may_not_override_what_the_runner_sets(tmp_path: Path, name: str) -> None:
+    path = write_config(tmp_path, f'[jobs.build]\ncommand = ["bin/build"]\nenv = {{ {name} = "x" }}\n')
+
+    error = config_error(path)
+
+    assert str(path) in error.message
+    assert "job 'build'" in error.message
+    assert "'env'" in error.message
+    assert name in error.message
+
+
+def test_env_value_with_a_nul_character_says_so(tmp_path: Path) -> None:
+    path = write_config(tmp_path, '[jobs.build]\ncommand = ["bin/build"]\nenv = { MODE = "a\\u0000b" }\n')
+
+    error = config_error(path)
+
+    assert "'env'" in error.message
+    assert "MODE" in error.message
+    # A string with a NUL in it is still a string: the message must name the actual problem.
+    assert "NUL" in error.message
+
+
+def test_env_referencing_a_credential_not_listed_names_it_and_suggests_the_fix(tmp_path: Path) -> None:
+    path = write_config(
+        tmp_path,
+        """\
+        [jobs.build]
+        command = ["bin/build"]
+        credentials = ["github"]
+        env = { OPENAI_API_KEY = "credential:openai" }
+        """,
+    )
+
+    error = config_error(path)
+
+    assert str(path) in error.message
+    assert "job 'build'" in error.message
+    assert "'env'" in error.message
+    assert "'openai'" in error.message
+    assert "credentials = ['github', 'openai']" in error.hint
+
+
+def test_credential_reference_listed_in_credentials_is_accepted(tmp_path: Path) -> None:
+    path = write_config(
+        tmp_path,
+        '[jobs.build]\ncommand = ["bin/build"]\ncredentials = ["openai"]\n'
+        'env = { KEY = "credential:openai", PLAIN = "credentials are not references" }\n',
+    )
+
+    job = load_config(path).jobs["build"]
+
+    assert job.env["KEY"] == "credential:openai"
+    assert job.env["PLAIN"] == "credentials are not references"
+    assert job.credentials == ("openai",)
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "Build",
+        "1build",
+        "-build",
+        "_build",
+        "a b",
+        "a/b",
+        "..",
+        "a.b",
+        "d\u0435ploy",
+        "\uff42uild",
+        "x" * 65,
+        "",
+    ],
+)
+def test_invalid_job_name_names_the_file_and_the_job(tmp_path: Path, name: str) -> None:
+    quoted = name.replace('"', '\\"')
+    path = write_config(tmp_path, f'[jobs."{quoted}"]\ncommand = ["bin/build"]\n')
+
+    error = config_error(path)
+
+    assert str(path) in error.message
+    assert f"job '{name}'" in error.message
+    assert "invalid job name" in error.message
+    assert "[a-z]" in error.hint
+
+
+def test_longest_valid_job_name_is_accepted(tmp_path: Path) -> None:
+    name = "a" + "b-_9" * 15 + "xyz"
+    assert len(name) == 64
+    path = write_config(tmp_path, f'[jobs.{name}]\ncommand = ["bin/build"]\n')
+
+    assert list(load_config(path).jobs) == [name]
+
+
+def test_a_job_that_is_not_a_table(tmp_path: Path) -> None:
+    path = write_config(tmp_path, '[jobs]\nbuild = "bin/build"\n')
+
+    error = config_error(path)
+
+    assert str(path) in error.message
+    assert "job 'build'" in error.message
+    assert "[jobs.build]" in error.message
+
+
+# ---------------------------------------------------------------------------- mistakes in [runner]
+
+
+def test_missing_runner_table(tmp_path: Path) -> None:
+    path = write_raw(tmp_path, '[jobs.build]\ncommand = ["/bin/true"]\n')
+
+    error = config_error(path)
+
+    assert str(path) in error.message
+    assert "[runner]" in error.message
+    assert "project" in error.hint
+
+
+def test_missing_project(tmp_path: Path) -> None:
+    path = write_raw(tmp_path, '[runner]\nlogs = "/var/log/jobs"\n')
+
+    error = config_error(path)
+
+    assert str(path) in error.message
+    assert "'project'" in error.message
+
+
+@pytest.mark.parametrize("project", ["relative/project", "./project", "project"])
+def test_relative_project_is_refused(tmp_path: Path, project: str) -> None:
+    path = write_raw(tmp_path, f'[runner]\nproject = "{project}"\n')
+
+    error = config_error(path)
+
+    assert str(path) in error.message
+    assert "'project'" in error.message
+    assert "absolute" in error.message
+    assert project in error.message
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        ('project = ""', "project"),
+        ("project = 5", "project"),
+        ('project = "/p"\noutputs = 5', "outputs"),
+        ('project = "/p"\nlogs = ["/l"]', "logs"),
+        ('project = "/p"\nlogs = ""', "logs"),
+    ],
+)
+def test_bad_runner_value_names_the_key(tmp_path: Path, text: str, key: str) -> None:
+    path = write_raw(tmp_path, f"[runner]\n{text}\n")
+
+    error = config_error(path)
+
+    assert str(path) in error.message
+    assert "[runner]" in error.message
+    assert f"'{key}'" in error.message
+
+
+def test_unknown_runner_key_lists_the_valid_keys(tmp_path: Path) -> None:
+    path = write_raw(tmp_path, '[runner]\nproject = "/p"\nprojekt = "/q"\n')
+
+    error = config_error(path)
+
+    assert str(path) in error.message
+    assert "'projekt'" in error.message
+    for key in ("project", "outputs", "logs"):
+        assert key in error.hint
+
+
+def test_unknown_top_level_table(tmp_path: Path) -> None:
+    path = write_config(tmp_path, '[jobz.build]\ncommand = ["bin/build"]\n')
+
+    error = config_error(path)
+
+    assert str(path) in error.message
+    assert "'jobz'" in error.message
+
+
+# ------------------------------------------------------------------------------------ the file itself
+
+
+def test_invalid_toml_reports_the_file_and_the_line(tmp_path: Path) -> None:
+    path = write_raw(
+        tmp_path,
+        """\
+        [runner]
+        project = "/p"
+
+        [jobs.build]
+        command = = ["bin/build"]
+        description = "the error is on the line above"
+        """,
+    )
+
+    error = config_error(path)
+
+    assert str(path) in error.message
+    assert "invalid TOML" in error.message
+    assert "line 5" in error.message
+
+
+def test_a_file_that_is_not_utf8_is_invalid_toml(tmp_path: Path) -> None:
+    path = tmp_path / "jobs.toml"
+    path.write_bytes(b'[runner]\nproject = "/p\xff"\n')
+
+    error = config_error(path)
+
+    assert str(path) in error.message
+    assert "invalid TOML" in error.message
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    path = tmp_path / "nope" / "jobs.toml"
+
+    error = config_error(path)
+
+    assert str(path) in error.message
+    assert "no such file" in error.message
+    assert error.hint

@@ -1,0 +1,309 @@
+"""runner/runs.py: run ids, the run's directories and `latest` link, the run log."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import random
+import re
+import threading
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import BinaryIO
+
+import pytest
+
+from runner.errors import InternalError
+from runner.runs import RunLog, create_run_paths, iso_time, new_run_id
+
+RUN_ID = re.compile(r"\d{8}T\d{6}-\d{6}-[0-9a-f]{8}")  # docs/protocol.md: YYYYMMDDTHHMMSS-UUUUUU-XXXXXXXX
+
+
+# ------------------------------------------------------------------------------------------------ ids
+
+
+def test_run_id_is_the_utc_start_time_to_the_microsecond() -> None:
+    start = datetime(2026, 11, 28, 15, 44, 2, 123456, tzinfo=UTC)
+    # A float cannot hold every microsecond exactly: aim between two, so rounding cannot matter.
+    now = start.timestamp() + 0.4e-6
+
+    run_id = new_run_id(now)
+
+    assert RUN_ID.fullmatch(run_id)
+    assert run_id.startswith("20261128T154402-123456-")
+
+
+def test_run_id_of_the_current_time() -> None:
+    before = datetime.now(UTC).replace(microsecond=0)
+    run_id = new_run_id()
+    after = datetime.now(UTC)
+
+    assert RUN_ID.fullmatch(run_id)
+    started = datetime.strptime(run_id[:22], "%Y%m%dT%H%M%S-%f").replace(tzinfo=UTC)
+    assert before <= started <= after
+
+
+def test_run_ids_sort_by_start_time() -> None:
+    rng = random.Random(1128)
+    # Start times spread over years, days and microseconds, at least 2 us apart.
+    times = sorted(
+        {rng.randrange(10**9, 4 * 10**9) * 1_000_000 + rng.randrange(0, 10**6, 2) for _ in range(2000)}
+    )
+    shuffled = [(new_run_id(t / 1_000_000), t) for t in times]
+    rng.shuffle(shuffled)
+
+    by_id = [t for _, t in sorted(shuffled)]
+
+    assert by_id == times
+
+
+def test_run_ids_do_not_repeat() -> None:
+    ids = [new_run_id() for _ in range(10_000)]
+
+    assert len(set(ids)) == len(ids)
+    assert all(RUN_ID.fullmatch(i) for i in ids)
+
+
+def test_run_id_random_part_varies_within_one_microsecond() -> None:
+    ids = {new_run_id(1_764_344_642.5) for _ in range(64)}
+
+    assert len(ids) > 32  # not a constant or a counter reset per process
+
+
+# ----------------------------------------------------------------------------------------- paths
+
+
+def test_create_run_paths_makes_the_directories_and_points_latest(tmp_path: Path) -> None:
+    outputs, logs = tmp_path / "outputs", tmp_path / "logs"
+    run_id = new_run_id()
+
+    paths = create_run_paths(outputs, logs, "build", run_id)
+
+    assert paths.output_dir == outputs / "build" / run_id
+    assert paths.output_dir.is_dir()
+    assert paths.log == logs / "build" / f"{run_id}.log"
+    assert paths.log.parent.is_dir()
+    assert not paths.log.exists()  # RunLog creates it
+    latest = outputs / "build" / "latest"
+    assert latest.is_symlink()
+    assert os.readlink(latest) == run_id  # relative: the tree can be moved or bind-mounted
+    assert latest.resolve() == paths.output_dir.resolve()
+
+
+def test_latest_follows_the_newest_run_and_leaves_nothing_behind(tmp_path: Path) -> None:
+    outputs, logs = tmp_path / "outputs", tmp_path / "logs"
+    first = create_run_paths(outputs, logs, "build", "20260101T000000-000001-aaaa")
+    second = create_run_paths(outputs, logs, "build", "20260101T000000-000002-bbbb")
+    other = create_run_paths(outputs, logs, "lint", "20260101T000000-000003-cccc")
+
+    assert (outputs / "build" / "latest").resolve() == second.output_dir.resolve()
+    assert (outputs / "lint" / "latest").resolve() == other.output_dir.resolve()
+    assert first.output_dir.is_dir()
+    assert sorted(p.name for p in (outputs / "build").iterdir()) == [
+        "20260101T000000-000001-aaaa",
+        "20260101T000000-000002-bbbb",
+        "latest",
+    ]
+
+
+def test_latest_is_never_missing_while_it_is_replaced(tmp_path: Path) -> None:
+    outputs, logs = tmp_path / "outputs", tmp_path / "logs"
+    create_run_paths(outputs, logs, "build", new_run_id())
+    latest = outputs / "build" / "latest"
+    done = threading.Event()
+    missing: list[int] = []
+
+    def watch() -> None:
+        while not done.is_set():
+            try:
+                os.readlink(latest)
+            except FileNotFoundError:
+                missing.append(1)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        for i in range(300):
+            create_run_paths(outputs, logs, "build", f"20260101T000000-{i:06d}-abcd")
+    finally:
+        done.set()
+        watcher.join()
+
+    assert missing == []
+    assert os.readlink(latest) == "20260101T000000-000299-abcd"
+
+
+def test_a_run_id_that_exists_already_is_never_reused(tmp_path: Path) -> None:
+    outputs, logs = tmp_path / "outputs", tmp_path / "logs"
+    paths = create_run_paths(outputs, logs, "build", "20260101T000000-000001-aaaa")
+    (paths.output_dir / "result.txt").write_text("first run")
+
+    with pytest.raises(InternalError):
+        create_run_paths(outputs, logs, "build", "20260101T000000-000001-aaaa")
+
+    assert (paths.output_dir / "result.txt").read_text() == "first run"
+
+
+def test_unwritable_outputs_is_an_internal_error_naming_the_path(tmp_path: Path) -> None:
+    blocker = tmp_path / "outputs"
+    blocker.write_text("a file where a directory should be")
+
+    with pytest.raises(InternalError) as info:
+        create_run_paths(blocker, tmp_path / "logs", "build", new_run_id())
+
+    assert str(blocker) in info.value.message
+    assert info.value.hint
+
+
+# ------------------------------------------------------------------------------------------- run log
+
+
+def test_run_log_header_transcript_and_footer(tmp_path: Path) -> None:
+    path = tmp_path / "run.log"
+    log = RunLog(path)
+    log.header({"job": "build", "run": "RID", "args": ["a b", "ü"], "detach": False})
+    log.write(b"line one\n")
+    log.write(b"\xff raw bytes, no newline")
+    log.footer({"result": "exited with 0", "exit_code": 0})
+    log.close()
+
+    assert path.read_bytes() == (
+        b"# jobrunner run log\n"
+        b"# job: build\n"
+        b"# run: RID\n"
+        b'# args: ["a b", "\xc3\xbc"]\n'
+        b"# detach: false\n"
+        b"# ---- output\n"
+        b"line one\n"
+        b"\xff raw bytes, no newline"
+        b"\n"  # added: the footer starts on its own line
+        b"# ---- end\n"
+        b"# result: exited with 0\n"
+        b"# exit_code: 0\n"
+    )
+    assert log.write_error is None
+
+
+def test_run_log_footer_after_output_ending_in_a_newline(tmp_path: Path) -> None:
+    path = tmp_path / "run.log"
+    log = RunLog(path)
+    log.header({})
+    log.write(b"done\n")
+    log.footer({"exit_code": 3})
+    log.close()
+
+    assert path.read_bytes().endswith(b"# ---- output\ndone\n# ---- end\n# exit_code: 3\n")
+
+
+def test_run_log_is_on_disk_before_it_is_closed(tmp_path: Path) -> None:
+    path = tmp_path / "run.log"
+    log = RunLog(path)
+    log.header({"job": "x"})
+    log.write(b"progress 1\n")
+
+    assert path.read_bytes().endswith(b"progress 1\n")  # unbuffered: survives a killed runner
+    log.close()
+
+
+def test_run_log_never_overwrites(tmp_path: Path) -> None:
+    path = tmp_path / "run.log"
+    path.write_bytes(b"an earlier run")
+
+    with pytest.raises(InternalError) as info:
+        RunLog(path)
+
+    assert str(path) in info.value.message
+    assert path.read_bytes() == b"an earlier run"
+
+
+class ShortWrites:
+    """A file that takes at most `step` bytes per write (what a nearly full disk does)."""
+
+    def __init__(self, file: BinaryIO, step: int, budget: int | None = None) -> None:
+        self.file, self.step, self.budget = file, step, budget
+
+    def write(self, data: bytes | memoryview) -> int:
+        if self.budget is not None and self.budget <= 0:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        n = min(len(data), self.step, self.budget if self.budget is not None else len(data))
+        written = self.file.write(bytes(data[:n]))
+        assert written == n
+        if self.budget is not None:
+            self.budget -= n
+        return n
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def test_run_log_completes_short_writes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "run.log"
+    log = RunLog(path)
+    monkeypatch.setattr(log, "_file", ShortWrites(log._file, step=3))
+    data = os.urandom(1000)
+
+    log.write(data)
+    log.close()
+
+    assert path.read_bytes() == data
+    assert log.write_error is None
+
+
+def test_a_full_disk_keeps_what_fit_and_records_the_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "run.log"
+    log = RunLog(path)
+    log.header({"job": "build"})
+    header = path.read_bytes()
+    monkeypatch.setattr(log, "_file", ShortWrites(log._file, step=7, budget=20))
+
+    log.write(b"a" * 15)
+    log.write(b"b" * 15)  # the disk fills up in the middle of this one
+    log.write(b"c" * 15)  # not attempted: the log is incomplete already
+    log.footer({"exit_code": 0})
+    log.close()
+
+    assert isinstance(log.write_error, OSError)
+    assert log.write_error.errno == errno.ENOSPC
+    assert path.read_bytes() == header + b"a" * 15 + b"b" * 5
+
+
+def test_dev_full_as_the_run_log(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    log = RunLog(tmp_path / "run.log")
+    real = log._file
+    full = open("/dev/full", "wb", buffering=0)  # noqa: SIM115 - closed by log.close()
+    monkeypatch.setattr(log, "_file", full)
+
+    log.header({"job": "build"})
+    log.write(b"output\n")
+    log.footer({"exit_code": 0})
+    log.close()
+    real.close()
+
+    assert isinstance(log.write_error, OSError)
+    assert log.write_error.errno == errno.ENOSPC
+    assert full.closed
+
+
+# ------------------------------------------------------------------------------------------------ time
+
+
+@pytest.mark.parametrize("t", [0.0, 1_764_344_642.25, 1_764_344_642.125, 4_102_444_800.5])
+def test_iso_time(t: float) -> None:
+    expected = datetime.fromtimestamp(t, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+    assert iso_time(t) == expected
+
+
+def test_header_values_are_rendered_as_json_unless_strings(tmp_path: Path) -> None:
+    path = tmp_path / "run.log"
+    log = RunLog(path)
+    log.header({"args": ["x\n# result: forged"], "n": 3, "s": "plain"})
+    log.close()
+
+    header_lines = path.read_text().splitlines()
+    # A newline in a value cannot start a line of its own (and forge a footer field).
+    assert header_lines[1] == "# args: " + json.dumps(["x\n# result: forged"])
+    assert header_lines[2:4] == ["# n: 3", "# s: plain"]
