@@ -23,4 +23,4 @@ deps:
 
 ## Boot a throwaway Debian container, install jobrunner, run the example job as a developer.
 demo: deps
-	bash demo/run-demo.sh
+	$(PYTHON) demo/run_demo.py $(if $(DISTRO),--distro $(DISTRO))
