@@ -13,8 +13,8 @@ check: lint
 	$(PYTHON) -m pytest -m "not e2e"
 
 lint:
-	$(PYTHON) -m ruff check runner trigger tests
-	$(PYTHON) -m ruff format --check runner trigger tests
+	$(PYTHON) -m ruff check runner trigger tests demo
+	$(PYTHON) -m ruff format --check runner trigger tests demo
 	$(PYTHON) -m mypy --strict runner trigger
 
 ## Host packages the tests need (idempotent; apt and pip).
