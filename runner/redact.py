@@ -7,10 +7,33 @@ progress line) is never delayed waiting for bytes that may not come.
 
 from __future__ import annotations
 
+import binascii
 import re
 from collections.abc import Iterable, Iterator
 
 MASK = b"***"
+MIN_ENCODED_LENGTH = 8  # shorter fragments of an encoding would mangle ordinary output
+URL_UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
+
+
+def encoded_forms(secret: bytes) -> set[bytes]:
+    """What a secret looks like printed through the common encodings, so those are redacted too:
+    hex (lower and upper case), base64 and URL-safe base64 (at each of the three byte alignments it
+    can have inside a longer encoded text: only the characters that depend on the secret alone), and
+    URL percent-encoding (both hex cases). Not covered: other encodings, encryption, compression,
+    or a secret printed piece by piece in a changed order."""
+    forms = {binascii.hexlify(secret), binascii.hexlify(secret).upper()}
+    for alignment in range(3):
+        standard = binascii.b2a_base64(bytes(alignment) + secret, newline=False).rstrip(b"=")
+        # Characters that mix in the zero padding before the secret, or whatever follows it, vary.
+        start = (alignment * 4 + 2) // 3
+        end = len(standard) - (1 if (alignment + len(secret)) % 3 else 0)
+        core = standard[start:end]
+        forms |= {core, core.replace(b"+", b"-").replace(b"/", b"_")}
+    quoted = b"".join(bytes([c]) if c in URL_UNRESERVED else b"%%%02X" % c for c in secret)
+    forms |= {quoted, re.sub(rb"%[0-9A-F]{2}", lambda m: m.group().lower(), quoted)}
+    forms.discard(secret)
+    return {form for form in forms if len(form) >= MIN_ENCODED_LENGTH}
 
 
 class Redactor:

@@ -20,7 +20,7 @@ from runner.errors import ArgumentsError, InternalError, RunnerError, UnknownJob
 from runner.execute import Channel, Outcome
 from runner.peer import Peer, check_allowed, operator_peer, read_peer, user_name
 from runner.protocol import ExitReport, Form, Reply, Request, guess_form, parse_request, read_request_line
-from runner.redact import Redactor
+from runner.redact import Redactor, encoded_forms
 from runner.runs import RunLog, RunPaths, create_run_paths, iso_time, new_run_id
 
 SendFunction = Callable[[bytes], None]
@@ -36,8 +36,9 @@ class Context:
     @classmethod
     def load(cls) -> Context:
         secrets = credentials.load_credentials(credentials.credentials_directory())
-        forms = [form for value in secrets.values() for form in credentials.secret_forms(value)]
-        return cls(secrets=secrets, redactor=Redactor(forms))
+        plain = [form for value in secrets.values() for form in credentials.secret_forms(value)]
+        encoded = [form for value in plain for form in encoded_forms(value)]
+        return cls(secrets=secrets, redactor=Redactor(plain + encoded))
 
 
 def serve_connection(conn: socket.socket) -> int:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
 import secrets
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,7 +18,7 @@ from hypothesis import strategies as st
 
 from runner import credentials
 from runner.errors import CredentialError
-from runner.redact import MASK, Redactor
+from runner.redact import MASK, Redactor, encoded_forms
 
 
 def token(n: int = 20) -> bytes:
@@ -332,3 +333,39 @@ def test_the_environment_form_of_a_credential_is_always_redacted() -> None:
     printed = credentials.env_value(value).encode()  # what the job sees, and may print
 
     assert redactor.redact(printed) == b" *** "
+
+
+# --- encoded forms (issue: hostile conditions, "secrets")
+
+
+@pytest.mark.parametrize("length", [8, 9, 10, 24, 40, 41, 42])
+def test_encoded_forms_catch_the_key_in_every_common_encoding_and_alignment(length: int) -> None:
+    import base64
+    import binascii
+    import urllib.parse
+
+    secret = os.urandom(length)
+    redactor = Redactor([secret, *encoded_forms(secret)])
+    for before in (b"", b"a", b"ab", b"abc"):
+        for after in (b"", b"z", b"yz", b"\n"):
+            blob = before + secret + after
+            encodings = {
+                "base64": base64.b64encode(blob),
+                "urlsafe base64": base64.urlsafe_b64encode(blob),
+                "hex": binascii.hexlify(blob),
+                "HEX": binascii.hexlify(blob).upper(),
+                "url": urllib.parse.quote(blob, safe="").encode(),
+                "url, lower-case escapes": re.sub(
+                    "%[0-9A-F]{2}", lambda m: m.group().lower(), urllib.parse.quote(blob, safe="")
+                ).encode(),
+            }
+            for name, encoded in encodings.items():
+                redacted = redactor.redact(encoded)
+                assert b"***" in redacted, (name, before, after)
+                # What is left cannot be decoded back into the key, nor into half of it.
+                assert binascii.hexlify(secret[: length // 2]) not in redacted.lower()
+
+
+def test_encoded_forms_skip_fragments_too_short_to_redact_safely() -> None:
+    assert all(len(form) >= 8 for form in encoded_forms(b"abcdefgh"))
+    assert b"abcdefgh" not in encoded_forms(b"abcdefgh")  # the plain form is the caller's

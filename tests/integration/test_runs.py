@@ -243,3 +243,19 @@ def test_large_output_keeps_the_runner_memory_flat(runner: Runner) -> None:
     small = peak_rss_kib(1000)
     large = peak_rss_kib(200_000_000)
     assert large - small < 8 * 1024, f"runner peak memory grew from {small} KiB to {large} KiB"
+
+
+def test_encoded_keys_and_keys_in_tracebacks_are_redacted(runner: Runner) -> None:
+    import base64
+    import binascii
+
+    secret = runner.secret.encode()
+    evs = run_json(runner, "leak-encoded")
+    everything = output_of(evs) + output_of(evs, "stderr") + Path(str(evs[-1]["log"])).read_bytes()
+    assert evs[-1]["exit_code"] == 1  # the traceback's exit status
+    assert b"RuntimeError: could not authenticate with ***" in everything
+    recognisable = [secret, binascii.hexlify(secret), binascii.hexlify(secret).upper()]
+    recognisable += [base64.b64encode(secret)[:-4], base64.urlsafe_b64encode(secret)[:-4]]
+    for form in recognisable:
+        assert form not in everything, form
+    assert everything.count(b"***") >= 10
