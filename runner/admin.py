@@ -4,17 +4,81 @@ from __future__ import annotations
 
 import argparse
 import sys
+from datetime import datetime
 from pathlib import Path
+from typing import NoReturn
 
+from runner import creds
 from runner.config import config_path, load_config
 from runner.errors import RunnerError
 
+EX_USAGE = 64
+EX_INTERRUPTED = 130
+
 EPILOG = """\
 exit status:
-  0   success
-  64  usage error
-  78  the configuration is invalid
+  0    success
+  64   usage error (unknown command or option, invalid credential name)
+  65   creds set: the secret was refused (empty, under 8 bytes, over 1 MiB, or the entries differ)
+  66   creds rm: no such credential
+  69   systemd-creds or systemctl is missing or failed
+  70   internal error
+  74   reading or writing the credential store or a drop-in failed
+  77   permission denied (creds set and rm need root; creds list needs to read the root-only store)
+  78   check: the configuration is invalid
+  130  interrupted
 """
+
+CREDS_DESCRIPTION = """\
+Store the secrets (API keys) that jobs use, encrypted with systemd-creds, and make job@.service load
+them with LoadCredentialEncrypted=. Values are never shown, and never decrypted by this command.
+"""
+
+CREDS_EPILOG = f"""\
+files:
+  {creds.CREDSTORE}/NAME
+      the encrypted value; the directory is 0700 and the files 0600, root's
+  {creds.DROPIN_DIR}/{creds.DROPIN_PREFIX}NAME{creds.DROPIN_SUFFIX}
+      the drop-in: LoadCredentialEncrypted=NAME:{creds.CREDSTORE}/NAME
+
+environment:
+  JOBRUNNER_ROOT  prefix for both paths (default /), for tests and image builds
+
+exit status:
+  0    success
+  64   usage error, or an invalid credential NAME
+  65   creds set: the secret was refused (empty, under 8 bytes, over 1 MiB, or the entries differ)
+  66   creds rm: no such credential
+  69   systemd-creds or systemctl is missing or failed
+  70   internal error
+  74   reading or writing the credential store or a drop-in failed
+  77   not root (set, rm), or the root-only store cannot be read (list)
+  130  interrupted
+"""
+
+SET_DESCRIPTION = f"""\
+Encrypt a secret as credential NAME with `systemd-creds encrypt` (TPM2 and the host key where a TPM2
+exists, the host key otherwise) into {creds.CREDSTORE}/NAME, and add the drop-in that makes
+job@.service load it. An existing NAME is replaced. Must be run as root.
+
+The secret is read from standard input when that is not a terminal, as in
+  jobrunner creds set NAME < keyfile
+Exactly one trailing newline is removed, nothing else: `echo KEY | jobrunner creds set NAME` stores KEY.
+At a terminal it is asked for twice, without echo. It is never taken from the command line, never
+written to disk unencrypted, and reaches systemd-creds only through a pipe.
+
+Values shorter than {creds.MIN_SECRET_BYTES} bytes (not counting surrounding whitespace) are refused: the
+runner removes every credential value from all job output, and so short a value would also match,
+and mangle, ordinary text.
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors exit 64 (EX_USAGE), as the epilog says, not argparse's 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(EX_USAGE, f"{self.prog}: error: {message}\n")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,12 +92,15 @@ def main(argv: list[str] | None = None) -> int:
         if e.hint:
             sys.stderr.write(f"jobrunner: hint: {e.hint}\n")
         return e.exit_status
+    except KeyboardInterrupt:
+        sys.stderr.write("\njobrunner: interrupted\n")
+        return EX_INTERRUPTED
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="jobrunner",
-        description="Administer jobrunner: check the job configuration.",
+        description="Administer jobrunner: check the job configuration, store the credentials jobs use.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -42,7 +109,58 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--config", type=Path, default=None, help="the file to check (default: %(default)s)")
     check.set_defaults(func=check_config, config=None)
     check.description = f"Validate the job configuration (default {config_path()}) and list its jobs."
+    _add_creds(commands)
     return parser
+
+
+def _add_creds(commands: argparse._SubParsersAction[_Parser]) -> None:
+    group = commands.add_parser(
+        "creds",
+        help="store, list and remove the encrypted credentials jobs use",
+        description=CREDS_DESCRIPTION,
+        epilog=CREDS_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    actions = group.add_subparsers(title="commands", required=True, metavar="ACTION")
+    set_ = actions.add_parser(
+        "set",
+        help="encrypt a secret from stdin or a no-echo prompt as NAME (root)",
+        description=SET_DESCRIPTION,
+        epilog=CREDS_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    set_.add_argument("name", metavar="NAME", help="the credential name, as used in jobs.toml")
+    _add_no_reload(set_)
+    set_.set_defaults(func=creds_set)
+
+    list_ = actions.add_parser(
+        "list",
+        help="list the stored credentials: names, sizes, dates, never values",
+        description="List the stored credentials: name, size of the encrypted file, when it was last "
+        "set, and whether job@.service loads it. Never shows or decrypts a value.",
+        epilog=CREDS_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    list_.set_defaults(func=creds_list)
+
+    rm = actions.add_parser(
+        "rm",
+        help="remove credential NAME and its drop-in (root)",
+        description="Remove credential NAME: its encrypted file and its job@.service drop-in.",
+        epilog=CREDS_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    rm.add_argument("name", metavar="NAME")
+    _add_no_reload(rm)
+    rm.set_defaults(func=creds_rm)
+
+
+def _add_no_reload(parser: _Parser) -> None:
+    parser.add_argument(
+        "--no-reload",
+        action="store_true",
+        help="do not run `systemctl daemon-reload` afterwards (skipped anyway when systemd is not running)",
+    )
 
 
 def check_config(args: argparse.Namespace) -> int:
@@ -54,6 +172,85 @@ def check_config(args: argparse.Namespace) -> int:
             extras.append(f"groups: {', '.join(job.allowed_groups)}")
         print(f"  {job.name:<20} {job.description}" + (f" ({'; '.join(extras)})" if extras else ""))
     return 0
+
+
+def creds_set(args: argparse.Namespace) -> int:
+    creds.require_root("jobrunner creds set")
+    name = creds.check_name(args.name)
+    creds.require_program("systemd-creds")  # before asking for the secret, not after
+    stdin = sys.stdin.buffer if sys.stdin is not None else None
+    secret = creds.read_secret(stdin, interactive=stdin is not None and stdin.isatty())
+    result = creds.CredentialStore.from_environment().store(name, secret)
+    del secret
+    for note in result.notes:
+        _note(note)
+    print(f"{'Replaced' if result.replaced else 'Stored'} credential '{name}' in {result.path}")
+    print(f"  encrypted by {result.key}")
+    print(f"  drop-in {result.dropin}: LoadCredentialEncrypted={name}")
+    _reload(args, "job@.service loads the new value from its next start")
+    print(f"To use it in a job, add to the job's table in {config_path()}:")
+    print(f'  credentials = ["{name}"]')
+    return 0
+
+
+def creds_list(args: argparse.Namespace) -> int:
+    store = creds.CredentialStore.from_environment()
+    stored = store.list_credentials()
+    if not stored:
+        print(f"no credentials in {store.directory}")
+        return 0
+    rows = [("NAME", "SIZE", "MODIFIED", "DROP-IN")]
+    for c in stored:
+        size = "-" if c.size is None else str(c.size)
+        modified = "-" if c.modified is None else _date(c.modified)
+        rows.append((c.name, size, modified, "yes" if c.has_dropin else "no"))
+    width = max(len(r[0]) for r in rows)
+    size_width = max(len(r[1]) for r in rows)
+    for name, size, modified, dropin in rows:
+        print(f"{name:<{width}}  {size:>{size_width}}  {modified:<25}  {dropin}")
+    for c in stored:
+        if c.size is None:
+            _warn(
+                f"'{c.name}' has a drop-in but no encrypted file: job@.service cannot start; "
+                f"`jobrunner creds set {c.name}` or `jobrunner creds rm {c.name}`"
+            )
+        elif not c.has_dropin:
+            _note(f"'{c.name}' has no drop-in, so no job gets it; `jobrunner creds set {c.name}` adds one")
+        if c.mode is not None and c.mode & 0o077:
+            _warn(f"{store.directory / c.name} has mode {c.mode:04o}: make it 0600 (chmod 600)")
+    return 0
+
+
+def creds_rm(args: argparse.Namespace) -> int:
+    creds.require_root("jobrunner creds rm")
+    name = creds.check_name(args.name)
+    for path in creds.CredentialStore.from_environment().remove(name):
+        print(f"removed {path}")
+    _reload(args, f"job@.service no longer loads '{name}'")
+    return 0
+
+
+def _reload(args: argparse.Namespace, effect: str) -> None:
+    if args.no_reload:
+        _note("systemd not reloaded (--no-reload): run `systemctl daemon-reload` for the change to apply")
+        return
+    warning = creds.reload_systemd()
+    if warning:
+        _warn(warning)
+    else:
+        print(f"  systemd reloaded: {effect}")
+
+
+def _date(timestamp: float) -> str:
+    return datetime.fromtimestamp(timestamp).astimezone().isoformat(timespec="seconds")
+
+
+def _note(message: str) -> None:
+    sys.stderr.write(f"jobrunner: note: {message}\n")
+
+
+def _warn(message: str) -> None:
+    sys.stderr.write(f"jobrunner: warning: {message}\n")
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ CREDENTIAL_NAME_PATTERN = re.compile(r"[A-Za-z0-9_.-]{1,255}")
 ENV_NAME_PATTERN = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 CREDENTIAL_REFERENCE = "credential:"
 DEFAULT_TIMEOUT_S = 3600.0
+DEFAULT_MAX_RUNS_PER_USER = 8
 MAX_TIMEOUT_S = 86400.0  # job@.service's RuntimeMaxSec=
 
 # The environment the runner itself sets for every job; `env` may not override these.
@@ -63,9 +64,10 @@ class Config:
     outputs: Path
     logs: Path
     jobs: Mapping[str, Job]
+    max_runs_per_user: int = DEFAULT_MAX_RUNS_PER_USER  # runs one uid may have in flight at once
 
 
-RUNNER_KEYS = {"project": "str", "outputs": "str", "logs": "str"}
+RUNNER_KEYS = ("project", "outputs", "logs", "max_runs_per_user")
 JOB_KEYS = (
     "command",
     "description",
@@ -121,7 +123,14 @@ def parse_config(data: Mapping[str, Any], path: Path) -> Config:
     if not isinstance(jobs_table, dict):
         raise ConfigError(f"{path}: 'jobs' must be tables [jobs.NAME]", "")
     jobs = {name: _parse_job(name, table, path, project) for name, table in jobs_table.items()}
-    return Config(path=path, project=project, outputs=outputs, logs=logs, jobs=jobs)
+    max_runs = runner.get("max_runs_per_user", DEFAULT_MAX_RUNS_PER_USER)
+    if isinstance(max_runs, bool) or not isinstance(max_runs, int) or not 1 <= max_runs <= 1024:
+        raise ConfigError(
+            f"{path}: [runner]: key 'max_runs_per_user' must be a whole number from 1 to 1024", ""
+        )
+    return Config(
+        path=path, project=project, outputs=outputs, logs=logs, jobs=jobs, max_runs_per_user=max_runs
+    )
 
 
 def _runner_path(runner: Mapping[str, Any], key: str, path: Path, project: Path | None) -> Path:
@@ -191,7 +200,7 @@ def _resolve_program(program: str, project: Path) -> str:
     return program
 
 
-def _check_keys(table: Mapping[str, Any], allowed: Mapping[str, str] | tuple[str, ...], where: str) -> None:
+def _check_keys(table: Mapping[str, Any], allowed: tuple[str, ...], where: str) -> None:
     for key in table:
         if key not in allowed:
             raise ConfigError(f"{where}: unknown key {key!r}", f"valid keys: {', '.join(allowed)}")

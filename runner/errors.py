@@ -55,6 +55,17 @@ class CredentialError(RunnerError):
     exit_status = 78
 
 
+class CredentialStoreError(RunnerError):
+    """`jobrunner creds`: storing, listing or removing an encrypted credential failed (an admin command,
+    not part of the wire protocol). The sysexits status depends on the cause, so it is given per error."""
+
+    code = "credential-store"
+
+    def __init__(self, message: str, hint: str = "", *, exit_status: int = 70) -> None:
+        super().__init__(message, hint)
+        self.exit_status = exit_status
+
+
 class ActivationError(RunnerError):
     """The runner was started some other way than by systemd (e.g. by hand)."""
 

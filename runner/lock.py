@@ -49,3 +49,26 @@ def acquire(directory: Path, job: str, policy: Concurrency, wait: Waiter) -> int
 
 def release(fd: int) -> None:
     os.close(fd)  # closing the only descriptor drops the flock
+
+
+def acquire_user_slot(directory: Path, uid: int, limit: int) -> int:
+    """Take one of the caller's `limit` run slots (a flock each); BusyError when all are taken.
+
+    This is what keeps one user (or one runaway script) from taking every one of the socket's
+    MaxConnections= and starving everyone else: queued runs hold their slot while they wait.
+    """
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise InternalError(f"cannot create the lock directory: {e.strerror}: {e.filename}", "") from None
+    for slot in range(limit):
+        fd = os.open(directory / f"user-{uid}.{slot}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fd
+        except BlockingIOError:
+            os.close(fd)
+    raise BusyError(
+        f"you already have {limit} runs in progress, the most one user may have at once",
+        "wait for one to finish (the limit is max_runs_per_user in jobs.toml)",
+    )

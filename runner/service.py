@@ -107,7 +107,13 @@ def run_job(config: Config, request: Request, peer: Peer, context: Context, chan
     check_allowed(peer, job.name, job.allowed_groups)
     _check_arguments(job, request.args)
     credentials.require(job.credentials, context.secrets, job.name)
-    lock_fd = lock.acquire(lock.lock_directory(config.logs), job.name, job.concurrency, _waiter(channel))
+    lock_dir = lock.lock_directory(config.logs)
+    user_slot = lock.acquire_user_slot(lock_dir, peer.uid, config.max_runs_per_user)
+    try:
+        job_lock = lock.acquire(lock_dir, job.name, job.concurrency, _waiter(channel))
+    except RunnerError:
+        lock.release(user_slot)
+        raise
     run_id = new_run_id()
     try:
         result = _run(config, Run(job, request, peer, run_id), context, channel)
@@ -116,8 +122,10 @@ def run_job(config: Config, request: Request, peer: Peer, context: Context, chan
         error.run_id = run_id
         raise error from None
     finally:
-        if lock_fd is not None:
-            lock.release(lock_fd)  # before reporting, so that a queued run can start
+        # Before reporting, so that a queued run can start.
+        for fd in (job_lock, user_slot):
+            if fd is not None:
+                lock.release(fd)
     if isinstance(channel, ClientChannel):
         channel.send(channel.reply.exit(_exit_report(job.name, result)))
     _log_end(job, peer, result)

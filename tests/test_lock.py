@@ -241,3 +241,14 @@ def test_lock_directory_without_a_runtime_directory(
         monkeypatch.setenv("RUNTIME_DIRECTORY", value)
 
     assert lock.lock_directory(tmp_path / "logs") == tmp_path / "logs" / ".locks"
+
+
+def test_user_slots_run_out_at_the_limit_and_come_back_when_released(tmp_path: Path) -> None:
+    held = [lock.acquire_user_slot(tmp_path, 1000, 2) for _ in range(2)]
+    with pytest.raises(BusyError, match="2 runs in progress"):
+        lock.acquire_user_slot(tmp_path, 1000, 2)
+    other_user = lock.acquire_user_slot(tmp_path, 1001, 2)  # limits are per user
+    lock.release(held.pop())
+    again = lock.acquire_user_slot(tmp_path, 1000, 2)
+    for fd in (*held, other_user, again):
+        lock.release(fd)

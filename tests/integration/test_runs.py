@@ -259,3 +259,18 @@ def test_encoded_keys_and_keys_in_tracebacks_are_redacted(runner: Runner) -> Non
     for form in recognisable:
         assert form not in everything, form
     assert everything.count(b"***") >= 10
+
+
+def test_one_user_cannot_take_more_than_their_share(runner: Runner) -> None:
+    # jobs.toml sets max_runs_per_user = 4: a fifth run at once is refused as busy, the sixth works
+    # again as soon as one of the four is over.
+    held = [_start_waiter(runner)[0] for _ in range(4)]
+    try:
+        refused = run_json(runner, "fail")
+        assert refused[-1]["event"] == "error" and refused[-1]["code"] == "busy"
+        assert "4 runs in progress" in str(refused[-1]["message"])
+        held.pop().close()  # cancels one run, which frees its slot
+        wait_for(lambda: run_json(runner, "fail")[-1].get("exit_code") == 3, 10, "a free slot")
+    finally:
+        for conn in held:
+            conn.close()
