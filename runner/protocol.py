@@ -171,6 +171,7 @@ class ExitReport:
     duration_s: float
     log: str
     output_dir: str
+    warnings: tuple[str, ...] = ()  # e.g. the run log could not be written whole
 
 
 class Reply:
@@ -196,12 +197,14 @@ class Reply:
 
     def exit(self, report: ExitReport) -> bytes:
         if self.form is Form.TEXT:
+            warnings = "".join(f"jobrunner: warning: {w}\n" for w in report.warnings)
             return self._final_line(
-                f"jobrunner: {report.job} (run {report.run_id}) exited with {report.exit_code} "
+                f"{warnings}jobrunner: {report.job} (run {report.run_id}) exited with {report.exit_code} "
                 f"after {report.duration_s:.1f} s"
             )
         fields = {"event": "exit", **asdict(report)}
         fields["duration_s"] = round(report.duration_s, 3)
+        fields["warnings"] = list(report.warnings)
         return _event(**fields)
 
     def error(self, code: str, message: str, hint: str, run_id: str | None = None) -> bytes:

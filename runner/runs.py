@@ -68,7 +68,7 @@ class RunLog:
         self.write_error: OSError | None = None  # e.g. ENOSPC: the log keeps what fit, the run goes on
 
     def header(self, fields: dict[str, object]) -> None:
-        lines = ["# jobrunner run log\n"]
+        lines = ["# jobrunner run log (a log without a '# ---- end' section is a run that never finished)\n"]
         lines += [f"# {key}: {_render(value)}\n" for key, value in fields.items()]
         self._write_text([*lines, "# ---- output\n"])
 

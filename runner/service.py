@@ -265,6 +265,7 @@ def _exit_report(job: str, result: RunResult) -> ExitReport:
         duration_s=outcome.duration_s,
         log=str(result.paths.log),
         output_dir=str(result.paths.output_dir),
+        warnings=(f"the run log is incomplete: {result.log_error.strerror}",) if result.log_error else (),
     )
 
 

@@ -730,3 +730,13 @@ def test_ignored_sigint_stays_ignored(sock: Path) -> None:
     proc.send_signal(signal.SIGINT)
     assert proc.wait(10) == 0
     server.finish()
+
+
+def test_run_prints_the_servers_warnings_on_stderr(
+    capsysbinary: pytest.CaptureFixture[bytes], sock: Path
+) -> None:
+    warning = "the run log is incomplete: No space left on device"
+    FakeServer(sock, [line(ACCEPTED), output("stdout", b"done\n"), exit_event(0, warnings=[warning])])
+    status, out, err = jobctl_main(capsysbinary, "run", "--socket", str(sock), "build")
+    assert (status, out) == (0, b"done\n")
+    assert err == f"jobctl: warning: {warning}\n".encode()

@@ -37,6 +37,7 @@ EXIT_FIELDS = {
     "duration_s",
     "log",
     "output_dir",
+    "warnings",
 }
 
 
@@ -527,6 +528,7 @@ def test_json_events_parse_back_with_their_fields() -> None:
     assert exit_event["signal"] is None
     assert exit_event["timed_out"] is False
     assert exit_event["cancelled"] is False
+    assert exit_event["warnings"] == []
     assert isinstance(exit_event["duration_s"], float)
     assert exit_event["duration_s"] == pytest.approx(1.23456, abs=0.001)
     assert jobs == {"event": "jobs", "jobs": [{"name": "build", "description": "Build it", "args": True}]}
@@ -713,3 +715,14 @@ def test_reply_bytes_are_utf8() -> None:
     event = Reply(Form.JSON).output("stdout", "naïve ✓".encode())
 
     assert "naïve ✓".encode() in event  # not \\u-escaped: JSON Lines in UTF-8
+
+
+def test_exit_warnings_come_before_the_final_text_line_and_in_the_json_event() -> None:
+    warned = report(exit_code=0, signal=None, duration_s=1.0)
+    warned = type(warned)(
+        **{**{f: getattr(warned, f) for f in warned.__slots__}, "warnings": ("log incomplete",)}
+    )
+    text = Reply(Form.TEXT).exit(warned).decode()
+    assert text.splitlines()[0] == "jobrunner: warning: log incomplete"
+    assert text.splitlines()[1].startswith("jobrunner: ")
+    assert json.loads(Reply(Form.JSON).exit(warned))["warnings"] == ["log incomplete"]

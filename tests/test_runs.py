@@ -169,7 +169,7 @@ def test_run_log_header_transcript_and_footer(tmp_path: Path) -> None:
     log.close()
 
     assert path.read_bytes() == (
-        b"# jobrunner run log\n"
+        b"# jobrunner run log (a log without a '# ---- end' section is a run that never finished)\n"
         b"# job: build\n"
         b"# run: RID\n"
         b'# args: ["a b", "\xc3\xbc"]\n'

@@ -519,8 +519,12 @@ class Session:
 
     def on_exit(self, event: dict[str, Any]) -> int:
         status = exit_status(event)
-        if not self.raw and (note := exit_note(event)):
-            self.term.say(note)
+        if not self.raw:
+            warnings = event.get("warnings")
+            for warning in warnings if isinstance(warnings, list) else ():
+                self.term.say(f"jobctl: warning: {warning}\n")
+            if note := exit_note(event):
+                self.term.say(note)
         return status
 
     def on_jobs(self, event: dict[str, Any]) -> int:
