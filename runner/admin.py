@@ -42,7 +42,8 @@ files:
       the drop-in: LoadCredentialEncrypted=NAME:{creds.CREDSTORE}/NAME
 
 environment:
-  JOBRUNNER_ROOT  prefix for both paths (default /), for tests and image builds
+  JOBRUNNER_ROOT  prefix for both paths (default /), for tests and image builds; systemd-creds
+                  still encrypts with this machine's key (and creates it if missing)
 
 exit status:
   0    success
@@ -136,8 +137,8 @@ def _add_creds(commands: argparse._SubParsersAction[_Parser]) -> None:
     list_ = actions.add_parser(
         "list",
         help="list the stored credentials: names, sizes, dates, never values",
-        description="List the stored credentials: name, size of the encrypted file, when it was last "
-        "set, and whether job@.service loads it. Never shows or decrypts a value.",
+        description="List the stored credentials: name, size of the encrypted file, when it was last set,\n"
+        "and whether job@.service loads it (has a drop-in). Never shows or decrypts a value.",
         epilog=CREDS_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -90,6 +90,9 @@ class StoreResult:
     notes: tuple[str, ...]  # worth telling the administrator, not failures
 
 
+_NAME_HINT = f"use 1 to {MAX_NAME_LENGTH} of the characters A-Z a-z 0-9 _ . - (not '.' or '..'), e.g. api-key"
+
+
 def check_name(name: str) -> str:
     """A credential name valid for systemd (a file name and an fd name) and for jobs.toml."""
     if not name:
@@ -109,9 +112,6 @@ def check_name(name: str) -> str:
             exit_status=EX_USAGE,
         )
     return name
-
-
-_NAME_HINT = "use 1 to 236 of the characters A-Z a-z 0-9 _ . - (not '.' or '..'), e.g. api-key"
 
 
 def read_secret(
