@@ -12,6 +12,12 @@ from pathlib import Path
 
 from runner.errors import CredentialError
 
+# `jobrunner creds set` pairs each LoadCredentialEncrypted= with SetCredential=NAME:<this>, which
+# systemd uses instead when the encrypted file is missing: the run then starts and can say so,
+# where it would otherwise fail before the runner could tell the client anything. (A corrupt or
+# expired file still fails the unit: systemd falls back only for a missing one.)
+UNAVAILABLE = b"jobrunner:credential-file-missing"
+
 
 def credentials_directory() -> Path | None:
     value = os.environ.get("CREDENTIALS_DIRECTORY")
@@ -30,12 +36,19 @@ def load_credentials(directory: Path | None) -> dict[str, bytes]:
     for entry in entries:
         if entry.is_file():
             with open(entry.path, "rb") as f:
-                creds[entry.name] = f.read()
+                value = f.read()
+            if value != UNAVAILABLE:
+                creds[entry.name] = value
     return creds
 
 
 def require(names: tuple[str, ...], loaded: Mapping[str, bytes], job: str) -> None:
     for name in names:
+        if name not in loaded and _fallback_in_use(name):
+            raise CredentialError(
+                f"job '{job}' needs credential {name!r}, but its encrypted file is missing",
+                f"store it again as root: jobrunner creds set {name}",
+            )
         if name not in loaded:
             raise CredentialError(
                 f"job '{job}' needs credential {name!r}, which the unit did not load",
@@ -54,3 +67,11 @@ def secret_forms(value: bytes) -> list[bytes]:
 def env_value(value: bytes) -> str:
     """A credential as an environment variable value: trailing newline dropped."""
     return value.rstrip(b"\r\n").decode("utf-8", "surrogateescape")
+
+
+def _fallback_in_use(name: str) -> bool:
+    directory = credentials_directory()
+    try:
+        return directory is not None and (directory / name).read_bytes() == UNAVAILABLE
+    except OSError:
+        return False

@@ -28,6 +28,7 @@ from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
 from runner.config import CREDENTIAL_NAME_PATTERN
+from runner.credentials import UNAVAILABLE
 from runner.errors import CredentialStoreError
 
 # sysexits(3)
@@ -185,6 +186,9 @@ def dropin_text(name: str) -> str:
         f"# Written by `jobrunner creds set {name}`; removed by `jobrunner creds rm {name}`.\n"
         "[Service]\n"
         f"LoadCredentialEncrypted={name}:{CREDSTORE / name}\n"
+        "# Used by systemd only when the file above is missing, so the runner can say so (see\n"
+        "# runner/credentials.py); never passed to a job as a key.\n"
+        f"SetCredential={name}:{UNAVAILABLE.decode()}\n"
     )
 
 

@@ -246,6 +246,9 @@ def test_set_writes_the_drop_in_reloads_and_says_how_to_use_it(fakes: Fakes) -> 
         "# Written by `jobrunner creds set api-key`; removed by `jobrunner creds rm api-key`.\n"
         "[Service]\n"
         "LoadCredentialEncrypted=api-key:/etc/credstore.encrypted/api-key\n"
+        "# Used by systemd only when the file above is missing, so the runner can say so (see\n"
+        "# runner/credentials.py); never passed to a job as a key.\n"
+        "SetCredential=api-key:jobrunner:credential-file-missing\n"
     )
     assert stat.S_IMODE(dropin.stat().st_mode) == 0o644
     assert sorted(p.name for p in dropin.parent.iterdir()) == [dropin.name]

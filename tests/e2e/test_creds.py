@@ -84,6 +84,9 @@ def test_set_encrypts_into_a_root_only_store_that_services_can_use(container: Co
         f"# Written by `jobrunner creds set {name}`; removed by `jobrunner creds rm {name}`.\n"
         "[Service]\n"
         f"LoadCredentialEncrypted={name}:{path}\n"
+        "# Used by systemd only when the file above is missing, so the runner can say so (see\n"
+        "# runner/credentials.py); never passed to a job as a key.\n"
+        f"SetCredential={name}:jobrunner:credential-file-missing\n"
     )
     # Decrypted by systemd for a service: exactly the value, one trailing newline stripped.
     assert decrypt_in_service(container, name, "-p", f"LoadCredentialEncrypted={name}:{path}") == secret

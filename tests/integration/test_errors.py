@@ -158,3 +158,14 @@ def test_socket_level_garbage(runner: Runner) -> None:
     raw.settimeout(15)
     assert json.loads(read_all(raw))["event"] == "jobs"
     raw.close()
+
+
+def test_a_credential_whose_encrypted_file_went_missing_is_named_with_the_fix(runner: Runner) -> None:
+    # What systemd hands the unit (SetCredential= fallback) when /etc/credstore.encrypted/NAME is gone.
+    (runner.credentials / "not-loaded").write_bytes(b"jobrunner:credential-file-missing")
+    event = error_event(runner.request(b'{"op": "run", "job": "needs-missing"}\n'))
+    assert event["code"] == "credential"
+    assert "'not-loaded'" in str(event["message"]) and "missing" in str(event["message"])
+    assert "jobrunner creds set not-loaded" in str(event["hint"])
+    # The marker is not a secret: ordinary output containing it is not redacted.
+    assert b"***" not in runner.request(b"run echo-args jobrunner:credential-file-missing\n")
