@@ -9,14 +9,24 @@ Missing prerequisites (not root, no debootstrap / systemd-nspawn / nsenter) skip
 the e2e tests, except under CI (``CI=true``) or ``JOBRUNNER_E2E_REQUIRE=1``,
 where they fail: .ci/install-deps installs everything, so a skip there would
 only hide a broken setup.
+
+``installed`` is jobrunner installed in that container the way a user installs
+it: ``./install.sh --project /home/alice/project`` from a (writable) copy of the
+checkout, a developer ``alice`` in the group, an outsider ``mallory``, the test
+jobs of ``JOBS_TOML`` and a credential ``api-key`` stored with ``jobrunner
+creds set``.  Tests that change the installation restore it.
 """
 
 from __future__ import annotations
 
 import os
+import secrets
+import shlex
 import shutil
 import signal
+import subprocess
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -66,3 +76,161 @@ def container(request: pytest.FixtureRequest) -> Iterator[Container]:
             yield ct
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+# --------------------------------------------------------------------------- #
+# jobrunner, installed
+# --------------------------------------------------------------------------- #
+
+DEVELOPER = "alice"
+OUTSIDER = "mallory"
+GROUP = "jobrunner"
+CREDENTIAL = "api-key"
+PROJECT = f"/home/{DEVELOPER}/project"
+# install.sh runs from a writable copy of the checkout, as from a user's clone (/src is read-only).
+CHECKOUT = "/root/jobrunner"
+# Copied into the project: the demo app (when the examples exist) and the tests' own programs.
+DEMO_PROJECT = REPO / "examples" / "demo-project"
+TEST_PROJECT = Path(__file__).parent / "project"
+
+# The e2e tests' jobs (tests append their own tables). {project} and {credential} are filled in.
+JOBS_TOML = """\
+# Written by tests/e2e/conftest.py.
+[runner]
+project = "{project}"
+
+[jobs.e2e-hello]
+description = "Greets its arguments, says how long its key is, writes a result file"
+command = ["/bin/sh", "-c", '''
+echo "hello $*"
+echo "key: $(wc -c < "$CREDENTIALS_DIRECTORY/{credential}") bytes"
+echo "result for $*" > "$JOB_OUTPUT_DIR/result.txt"
+''', "e2e-hello"]
+args = "[A-Za-z0-9_-]+"
+credentials = ["{credential}"]
+concurrency = "parallel"
+
+[jobs.e2e-fail]
+description = "Fails with exit status 3"
+command = ["/bin/sh", "-c", "echo 'about to fail' >&2; exit 3"]
+concurrency = "parallel"
+
+[jobs.e2e-linger]
+description = "Leaves a process of its own session behind, then exits"
+command = ["/bin/sh", "-c", "setsid sleep 4242 </dev/null >/dev/null 2>&1 & echo left $!"]
+
+[jobs.e2e-hold]
+description = "Holds its key for two seconds"
+command = ["/bin/sh", "-c", "sleep 2; echo held"]
+credentials = ["{credential}"]
+concurrency = "parallel"
+
+[jobs.e2e-probe]
+description = "Reports what the sandbox lets a job do (JSON)"
+command = ["bin/e2e-probe"]
+args = "[0-9.:]+"
+"""
+
+DEMO_JOB = """
+[jobs.hello]
+description = "The demo app"
+command = ["bin/hello"]
+args = "[A-Za-z0-9 _.-]{{1,64}}"
+credentials = ["{credential}"]
+"""
+
+
+@dataclass(frozen=True)
+class Installation:
+    """jobrunner as install.sh left it in ``container``, with the tests' users, jobs and credential."""
+
+    container: Container
+    project: str
+    outputs: str
+    logs: str
+    group: str
+    developer: str  # in the group
+    outsider: str  # not in the group
+    secret: str  # the credential's value, made for this session
+    credential: str
+    install_output: str  # what install.sh printed
+
+    def jobctl(
+        self, *args: str, user: str = DEVELOPER, input: bytes | None = None, timeout: float = 120
+    ) -> subprocess.CompletedProcess[bytes]:
+        """Run the installed jobctl as ``user``; a non-zero exit is returned, not raised."""
+        return self.container.run(["jobctl", *args], user=user, input=input, check=False, timeout=timeout)
+
+    def sh(self, script: str, *, user: str | None = None) -> str:
+        """Run a shell snippet inside (as root by default); return its stdout, raise if it fails."""
+        return self.container.run(["sh", "-euc", script], user=user).stdout.decode()
+
+
+def copy_checkout(ct: Container, dest: str = CHECKOUT) -> None:
+    """A writable copy of /src without caches, as a fresh clone would be."""
+    excludes = " ".join(
+        f"--exclude={shlex.quote(x)}" for x in (".git", "__pycache__", ".*_cache", ".venv", "*.egg-info")
+    )
+    ct.run(
+        [
+            "sh",
+            "-euc",
+            f"rm -rf {dest}; mkdir -p {dest}; tar -C /src {excludes} -cf - . | tar -C {dest} -xf -",
+        ]
+    )
+
+
+def run_install(ct: Container, *args: str, check: bool = True) -> subprocess.CompletedProcess[bytes]:
+    """``./install.sh ARGS`` from the copied checkout, as root."""
+    return ct.run(["sh", "-c", f'cd {CHECKOUT} && exec ./install.sh "$@"', "install.sh", *args], check=check)
+
+
+def make_project(ct: Container) -> None:
+    """The developer's project: the demo app (if any) and the tests' programs, owned by the developer."""
+    for source in (DEMO_PROJECT, TEST_PROJECT):
+        if source.is_dir():
+            ct.copy_in(source, PROJECT)
+    ct.run(["chown", "-R", f"{DEVELOPER}:{DEVELOPER}", f"/home/{DEVELOPER}"])
+
+
+def add_users(ct: Container) -> None:
+    for user in (DEVELOPER, OUTSIDER):
+        ct.run(["sh", "-c", f"id {user} >/dev/null 2>&1 || useradd --create-home {user}"])
+
+
+def store_credential(ct: Container, name: str, secret: str) -> None:
+    """With the product's own command, from stdin: `printf %s SECRET | jobrunner creds set NAME`."""
+    ct.run(["jobrunner", "creds", "set", name], input=secret.encode())
+
+
+def jobs_toml(credential: str = CREDENTIAL) -> str:
+    text = JOBS_TOML.format(project=PROJECT, credential=credential)
+    if (DEMO_PROJECT / "bin" / "hello").exists():
+        text += DEMO_JOB.format(credential=credential)
+    return text
+
+
+@pytest.fixture(scope="session")
+def installed(container: Container) -> Installation:
+    """jobrunner installed with install.sh (once per distro); the developer may run the test jobs."""
+    ct = container
+    add_users(ct)
+    make_project(ct)
+    copy_checkout(ct)
+    result = run_install(ct, "--project", PROJECT)
+    ct.run(["usermod", "--append", "--groups", GROUP, DEVELOPER])
+    ct.write_file("/etc/jobrunner/jobs.toml", jobs_toml())
+    secret = "demo-" + secrets.token_hex(16)
+    store_credential(ct, CREDENTIAL, secret)
+    return Installation(
+        container=ct,
+        project=PROJECT,
+        outputs=f"{PROJECT}/outputs",
+        logs=f"{PROJECT}/logs",
+        group=GROUP,
+        developer=DEVELOPER,
+        outsider=OUTSIDER,
+        secret=secret,
+        credential=CREDENTIAL,
+        install_output=result.stdout.decode(),
+    )

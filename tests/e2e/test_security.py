@@ -147,9 +147,14 @@ def probe(inst: Installation) -> dict[str, list[str]]:
 
 def test_a_job_writes_only_its_outputs_and_logs(secured: Installation) -> None:
     report = probe(secured)
-    allowed = report["write-ok"]
-    assert len(allowed) == 1 and allowed[0].endswith("/probe") and "/outputs/sec-probe/" in allowed[0]
-    assert len(report["write-denied"]) == 7, report["write-denied"]
+    allowed = sorted(report["write-ok"])
+    # Its own output directory, and /var/tmp, which PrivateTmp= makes private to the run (like /tmp).
+    assert len(allowed) == 2, allowed
+    assert "/outputs/sec-probe/" in allowed[0] and allowed[0].endswith("/probe")
+    assert allowed[1] == "/var/tmp/probe"
+    assert len(report["write-denied"]) == 6, report["write-denied"]
+    # ... and that /var/tmp is the run's own: the host's /var/tmp has no probe.
+    assert secured.container.run(["test", "-e", "/var/tmp/probe"], check=False).returncode != 0
 
 
 def test_a_job_sees_no_home_but_the_project(secured: Installation) -> None:

@@ -1,0 +1,556 @@
+#!/usr/bin/env bash
+# SPDX-License-Identifier: MIT
+#
+# install.sh: install jobrunner on this machine, or remove it (see INSTALL.md).
+#
+# Every file is rewritten only when its content differs, so running it again is safe and converges on the
+# same state; units are reloaded and the socket restarted only when something changed.
+
+set -euo pipefail
+
+PROG=install.sh
+PREFIX=/usr/local
+LIBDIR=$PREFIX/lib/jobrunner
+UNITDIR=$PREFIX/lib/systemd/system
+BINDIR=$PREFIX/bin
+SBINDIR=$PREFIX/sbin
+DOCDIR=$PREFIX/share/doc/jobrunner
+CONFDIR=/etc/jobrunner
+CONFIG=$CONFDIR/jobs.toml
+SOCKET_DROPIN=/etc/systemd/system/job.socket.d/10-install.conf
+SERVICE_DROPIN=/etc/systemd/system/job@.service.d/10-install.conf
+SYSUSERS=/etc/sysusers.d/jobrunner.conf
+TMPFILES=/etc/tmpfiles.d/jobrunner.conf
+CREDSTORE=/etc/credstore.encrypted
+PYTHON=/usr/bin/python3
+APT_PACKAGES=(python3 python3-systemd python3-sdnotify)
+MIN_SYSTEMD=252
+DEFAULT_GROUP=jobrunner
+DEFAULT_TASKS_MAX=64
+DEFAULT_MEMORY_MAX=1G
+# Paths that go into unit files: no spaces, quotes, '%' (a specifier) or '\' (an escape).
+SAFE_PATH='^/[A-Za-z0-9._/@+-]*$'
+
+SRC=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+
+usage() {
+    cat <<EOF
+usage: sudo ./$PROG --project DIR [--group NAME] [--tasks-max N] [--memory-max SIZE] [--no-apt]
+       sudo ./$PROG --uninstall
+
+Install jobrunner: the code in $LIBDIR, the commands jobctl, jobrunner-trigger
+and jobrunner, the units job.socket and job@.service, the developer group, the
+outputs and logs directories, and an example $CONFIG if there is none.
+Then check the units with systemd-analyze verify and start job.socket.
+Running it again is safe.
+
+options:
+  --project DIR      the project the jobs run in; read-only to jobs (required)
+  --group NAME       the developer group: may connect to the socket, reads and
+                     deletes outputs and logs (default: $DEFAULT_GROUP)
+  --tasks-max N      at most N processes and threads per run (default: $DEFAULT_TASKS_MAX)
+  --memory-max SIZE  memory limit per run, e.g. 512M, 2G (default: $DEFAULT_MEMORY_MAX)
+  --no-apt           do not install missing packages (${APT_PACKAGES[*]});
+                     fail instead
+  --uninstall        remove what install.sh installed; keeps credentials,
+                     $CONFIG, the outputs and logs, and the group
+  -h, --help         show this help
+
+exit status:
+  0   success
+  1   a command failed (its output says why)
+  64  usage error
+  66  the project directory does not exist
+  69  a requirement is missing (systemd $MIN_SYSTEMD+ as PID 1, Python 3.11+, packages)
+  77  not run as root
+  78  $CONFIG is invalid or names another project, or the units do not verify
+EOF
+}
+
+say() { printf '%s: %s\n' "$PROG" "$*"; }
+step() { printf '\n%s: == %s\n' "$PROG" "$*"; }
+
+die() { # die STATUS MESSAGE [HINT]
+    printf '%s: error: %s\n' "$PROG" "$2" >&2
+    if [ $# -ge 3 ] && [ -n "$3" ]; then
+        printf '%s: hint: %s\n' "$PROG" "$3" >&2
+    fi
+    exit "$1"
+}
+
+usage_error() {
+    printf '%s: error: %s\n' "$PROG" "$1" >&2
+    printf 'Try "./%s --help".\n' "$PROG" >&2
+    exit 64
+}
+
+# ---------------------------------------------------------------------------------------------------
+# Files: written only when they change
+
+CHANGED=()
+
+# put SOURCE DEST MODE: install SOURCE as DEST (root-owned) unless DEST already has the same content.
+put() {
+    local src=$1 dest=$2 mode=$3
+    if [ -f "$dest" ] && [ ! -L "$dest" ] && cmp -s "$src" "$dest"; then
+        chmod "$mode" "$dest"
+        chown root:root "$dest"
+        return
+    fi
+    mkdir -p "$(dirname "$dest")"
+    install -m "$mode" -o root -g root "$src" "$dest.jobrunner-new"
+    mv -f "$dest.jobrunner-new" "$dest"
+    CHANGED+=("$dest")
+    say "wrote $dest"
+}
+
+# put_text DEST MODE: install standard input as DEST.
+put_text() {
+    local tmp
+    tmp=$(mktemp)
+    cat >"$tmp"
+    put "$tmp" "$1" "$2"
+    rm -f "$tmp"
+}
+
+changed() { # changed PATH...: did any of these change in this run?
+    local path item
+    for path in "$@"; do
+        for item in "${CHANGED[@]+"${CHANGED[@]}"}"; do
+            [ "$item" = "$path" ] && return 0
+        done
+    done
+    return 1
+}
+
+# same_package NAME: does $LIBDIR/NAME hold exactly the repository's NAME/*.py, byte-compiled?
+same_package() {
+    local name=$1 file
+    [ -d "$LIBDIR/$name/__pycache__" ] || return 1
+    [ "$(cd "$SRC/$name" && ls -- *.py)" = "$(cd "$LIBDIR/$name" && ls -- *.py)" ] || return 1
+    for file in "$SRC/$name"/*.py; do
+        cmp -s "$file" "$LIBDIR/$name/${file##*/}" || return 1
+    done
+}
+
+# put_package NAME: install $SRC/NAME/*.py as $LIBDIR/NAME, byte-compiled, replacing it whole when any
+# source differs (so that a module removed from the repository disappears here too).
+put_package() {
+    local name=$1 dest=$LIBDIR/$1 new
+    if same_package "$name"; then
+        return
+    fi
+    rm -rf "$LIBDIR/.$name".* # what an interrupted run may have left
+    new=$(mktemp -d "$LIBDIR/.$name.XXXXXX")
+    install -m 0644 -o root -g root "$SRC/$name"/*.py "$new/"
+    # Byte-compiled now: the sandbox's file system is read-only, so Python would otherwise compile every
+    # module again on every connection.
+    "$PYTHON" -m compileall -q "$new"
+    chmod -R u=rwX,go=rX "$new"
+    rm -rf "$dest.jobrunner-old"
+    if [ -d "$dest" ]; then
+        mv "$dest" "$dest.jobrunner-old"
+    fi
+    mv "$new" "$dest"
+    rm -rf "$dest.jobrunner-old"
+    CHANGED+=("$dest")
+    say "installed $dest (byte-compiled)"
+}
+
+# ---------------------------------------------------------------------------------------------------
+# Requirements
+
+require_root() {
+    [ "$(id -u)" -eq 0 ] || die 77 "must run as root" "sudo ./$PROG $*"
+}
+
+require_systemd() {
+    [ -d /run/systemd/system ] ||
+        die 69 "systemd is not running as PID 1 on this machine" \
+            "jobrunner needs systemd $MIN_SYSTEMD+ as the init system (in a container: boot it with systemd-nspawn --boot)"
+    local version
+    version=$(systemctl --version | awk 'NR == 1 { print $2 }')
+    version=${version%%[!0-9]*}
+    if [ -z "$version" ] || [ "$version" -lt "$MIN_SYSTEMD" ]; then
+        die 69 "systemd ${version:-?} is too old, jobrunner needs $MIN_SYSTEMD or newer" \
+            "Debian 12 (bookworm) or Ubuntu 24.04 and later have it"
+    fi
+}
+
+# What the runner imports beyond the standard library, and the packages that provide it.
+missing_packages() {
+    local missing=()
+    if ! [ -x "$PYTHON" ] || ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
+        missing+=(python3)
+    else
+        "$PYTHON" -c 'import systemd.journal' 2>/dev/null || missing+=(python3-systemd)
+        "$PYTHON" -c 'import sdnotify' 2>/dev/null || missing+=(python3-sdnotify)
+    fi
+    echo "${missing[*]}"
+}
+
+require_packages() {
+    local missing
+    missing=$(missing_packages)
+    if [ -z "$missing" ]; then
+        say "python3 (3.11+), python3-systemd and python3-sdnotify are installed"
+        return
+    fi
+    if [ "$NO_APT" = 1 ]; then
+        die 69 "missing: $missing (and --no-apt was given)" "install them: sudo apt-get install $missing"
+    fi
+    command -v apt-get >/dev/null || die 69 "missing: $missing, and there is no apt-get" \
+        "install them with this system's package manager, then run $PROG again"
+    say "installing $missing with apt-get"
+    export DEBIAN_FRONTEND=noninteractive
+    # shellcheck disable=SC2086 # one word per package
+    if ! apt-get install -y --no-install-recommends $missing; then
+        apt-get update
+        # shellcheck disable=SC2086
+        apt-get install -y --no-install-recommends $missing
+    fi
+    missing=$(missing_packages)
+    [ -z "$missing" ] || die 69 "still missing after apt-get: $missing" \
+        "jobrunner needs Python 3.11 or newer (Debian 12, Ubuntu 24.04 and later)"
+}
+
+# ---------------------------------------------------------------------------------------------------
+# What gets installed
+
+install_code() {
+    mkdir -p "$LIBDIR"
+    chmod 0755 "$LIBDIR"
+    put_package runner
+    put_package trigger
+}
+
+install_commands() {
+    put_text "$BINDIR/jobctl" 0755 <<EOF
+#!/bin/sh
+# jobctl: run a jobrunner job (installed by jobrunner's install.sh; see jobctl --help)
+PYTHONPATH=$LIBDIR exec $PYTHON -P -m trigger "\$@"
+EOF
+    put_text "$SBINDIR/jobrunner" 0755 <<EOF
+#!/bin/sh
+# jobrunner: administer jobrunner (installed by jobrunner's install.sh; see jobrunner --help)
+PYTHONPATH=$LIBDIR exec $PYTHON -P -m runner.admin "\$@"
+EOF
+    # The same client in POSIX sh and socat, for machines and CI images without Python.
+    put "$SRC/trigger/trigger_job.sh" "$BINDIR/jobrunner-trigger" 0755
+}
+
+install_docs() {
+    local doc
+    for doc in README.md INSTALL.md docs/protocol.md; do
+        if [ -f "$SRC/$doc" ]; then
+            put "$SRC/$doc" "$DOCDIR/$(basename "$doc")" 0644
+        fi
+    done
+}
+
+install_units() {
+    put "$SRC/units/job.socket" "$UNITDIR/job.socket" 0644
+    put "$SRC/units/job@.service" "$UNITDIR/job@.service" 0644
+}
+
+install_group() {
+    put_text "$SYSUSERS" 0644 <<EOF
+# jobrunner's developer group: may connect to /run/job.sock, reads and deletes outputs and logs.
+# Add a developer with: usermod -aG $GROUP USER. See sysusers.d(5). Written by install.sh.
+g $GROUP -
+EOF
+    systemd-sysusers "$SYSUSERS"
+}
+
+install_config() {
+    if [ -e "$CONFIG" ]; then
+        say "kept $CONFIG (it exists)"
+        return
+    fi
+    local example=$SRC/examples/jobs.toml tmp
+    tmp=$(mktemp)
+    if [ -f "$example" ]; then
+        sed "s|@PROJECT@|$PROJECT|g" "$example" >"$tmp"
+    else
+        cat >"$tmp" <<EOF
+# jobrunner's jobs (see INSTALL.md). Read at every connection: no restart needed after editing.
+# Check it with: sudo jobrunner check
+
+[runner]
+project = "$PROJECT"
+# outputs = "outputs"   # default: PROJECT/outputs; re-run install.sh after changing outputs or logs
+# logs = "logs"         # default: PROJECT/logs
+
+[jobs.hello]
+description = "Says hello"
+command = ["/bin/echo", "hello from jobrunner"]
+EOF
+    fi
+    mkdir -p "$CONFDIR"
+    chmod 0755 "$CONFDIR"
+    put "$tmp" "$CONFIG" 0644
+    rm -f "$tmp"
+}
+
+# Sets OUTPUTS and LOGS from the configuration, with the runner's own parser (so that a broken file is
+# reported exactly as the service would report it).
+read_config() {
+    local out
+    if ! out=$(PYTHONPATH=$LIBDIR "$PYTHON" -P -c '
+import sys
+from runner.config import load_config
+from runner.errors import RunnerError
+try:
+    c = load_config()
+except RunnerError as e:
+    sys.exit(f"{e.message}\n{e.hint}")
+print(c.project, c.outputs, c.logs, sep="\n")
+' 2>&1); then
+        die 78 "$(head -n 1 <<<"$out")" "$(tail -n +2 <<<"$out")"
+    fi
+    local project
+    { read -r project && read -r OUTPUTS && read -r LOGS; } <<<"$out"
+    [ "$project" = "$PROJECT" ] ||
+        die 78 "$CONFIG says project = \"$project\", but --project is $PROJECT" \
+            "run $PROG --project $project, or change project in $CONFIG"
+    local dir
+    for dir in "$OUTPUTS" "$LOGS"; do
+        [[ $dir =~ $SAFE_PATH ]] ||
+            die 78 "$CONFIG: outputs and logs must be absolute paths of letters, digits and ._/@+-, not $dir" ""
+        if [ "$dir" = "$PROJECT" ] || [ "$dir" = / ]; then
+            die 78 "$CONFIG: outputs and logs must be directories of their own, not $dir" \
+                "the defaults are $PROJECT/outputs and $PROJECT/logs"
+        fi
+    done
+}
+
+install_directories() {
+    put_text "$TMPFILES" 0644 <<EOF
+# jobrunner's outputs and logs: owned by root and the developer group, setgid so that every file the
+# service creates belongs to the group; nothing for other users. See tmpfiles.d(5). Written by install.sh.
+d $OUTPUTS 2770 root $GROUP -
+d $LOGS 2770 root $GROUP -
+EOF
+    systemd-tmpfiles --create "$TMPFILES" ||
+        die 1 "systemd-tmpfiles could not create $OUTPUTS and $LOGS (see above)" \
+            "every directory above them must be owned by root or by one and the same user"
+}
+
+install_dropins() {
+    put_text "$SOCKET_DROPIN" 0644 <<EOF
+# Written by install.sh (--group $GROUP): run it again rather than editing this file.
+[Socket]
+SocketGroup=$GROUP
+EOF
+    put_text "$SERVICE_DROPIN" 0644 <<EOF
+# Written by install.sh: run it again rather than editing this file (add your own drop-ins beside it).
+[Service]
+# The project, read-only (also under /home, which ProtectHome=tmpfs hides otherwise).
+BindReadOnlyPaths=$PROJECT
+# Where runs write: OUTPUTS/JOB/RUN_ID/ and LOGS/JOB/RUN_ID.log (see $CONFIG).
+BindPaths=$OUTPUTS $LOGS
+# Only to share outputs and logs with the developers.
+SupplementaryGroups=$GROUP
+TasksMax=$TASKS_MAX
+MemoryMax=$MEMORY_MAX
+EOF
+}
+
+# systemd-analyze verify, keeping only what it says about our units: it also loads their dependencies
+# and may complain about units that are none of our business.
+verify_units() {
+    local out ours
+    out=$(cd / && systemd-analyze verify job.socket job@verify.service 2>&1) || true
+    ours=$(grep -E 'job\.socket|job@|jobrunner|/etc/systemd/system/job' <<<"$out" || true)
+    if [ -n "$ours" ]; then
+        printf '%s\n' "$ours" >&2
+        die 78 "systemd-analyze verify reports problems in jobrunner's units (above)" \
+            "fix the drop-ins in /etc/systemd/system/job@.service.d/ or job.socket.d/, then run $PROG again"
+    fi
+    say "systemd-analyze verify: job.socket and job@.service are clean"
+}
+
+start_socket() {
+    systemctl daemon-reload
+    systemctl enable job.socket --quiet
+    if ! systemctl is-active --quiet job.socket; then
+        systemctl start job.socket
+        say "started job.socket"
+    elif changed "$UNITDIR/job.socket" "$SOCKET_DROPIN"; then
+        # A new group or mode only applies to a freshly created socket. Runs in progress go on.
+        systemctl restart job.socket
+        say "restarted job.socket (its configuration changed)"
+    else
+        say "job.socket is running"
+    fi
+}
+
+check_project_readable() {
+    # The service runs as a dynamic uid that is neither the owner nor (usually) in the project's group.
+    if [ -z "$(find "$PROJECT" -maxdepth 0 -perm -o=rx)" ]; then
+        say "warning: $PROJECT is not readable by other users; the jobs run as a dynamic user and"
+        say "warning: will not be able to read it (chmod o+rx, or make it group-owned by $GROUP with g+rx)"
+    fi
+}
+
+summary() {
+    local sock
+    sock=$(stat -c '%U:%G %a' /run/job.sock 2>/dev/null || echo "not there?")
+    if [ "${#CHANGED[@]}" -eq 0 ]; then
+        printf '\n%s: nothing changed: jobrunner was already installed like this\n' "$PROG"
+    fi
+    cat <<EOF
+
+$PROG: == done
+  code        $LIBDIR (runner, trigger; byte-compiled)
+  commands    $BINDIR/jobctl, $BINDIR/jobrunner-trigger, $SBINDIR/jobrunner
+  units       $UNITDIR/job.socket, job@.service
+  drop-ins    $SOCKET_DROPIN
+              $SERVICE_DROPIN
+  group       $GROUP ($SYSUSERS)
+  directories $OUTPUTS, $LOGS (2770 root:$GROUP, $TMPFILES)
+  config      $CONFIG
+  socket      /run/job.sock ($sock), job.socket enabled and running
+
+Next:
+  add a developer:     sudo usermod -aG $GROUP USER   (they log in again afterwards)
+  store a credential:  sudo jobrunner creds set NAME   (reads the secret from stdin)
+  define jobs:         sudo editor $CONFIG; sudo jobrunner check
+  run a job:           jobctl list; jobctl run hello
+  as an operator:      sudo systemctl start job@hello; journalctl -u job@hello
+EOF
+}
+
+# ---------------------------------------------------------------------------------------------------
+# Uninstall
+
+uninstall() {
+    step "stopping job.socket and runs in progress"
+    if systemctl list-unit-files job.socket >/dev/null 2>&1; then
+        systemctl disable --now job.socket --quiet 2>/dev/null || true
+    fi
+    systemctl stop 'job@*.service' 2>/dev/null || true
+
+    # What the kept directories and group are, before the files that name them go.
+    local dirs="" group=""
+    if [ -f "$TMPFILES" ]; then
+        dirs=$(awk '$1 == "d" { printf "%s%s", sep, $2; sep = ", " }' "$TMPFILES")
+        group=$(awk '$1 == "d" { print $5; exit }' "$TMPFILES")
+    fi
+
+    step "removing files"
+    local path removed=()
+    for path in "$BINDIR/jobctl" "$BINDIR/jobrunner-trigger" "$SBINDIR/jobrunner" \
+        "$UNITDIR/job.socket" "$UNITDIR/job@.service" "$SOCKET_DROPIN" "$SERVICE_DROPIN" \
+        "$SYSUSERS" "$TMPFILES" "$LIBDIR" "$DOCDIR"; do
+        if [ -e "$path" ] || [ -L "$path" ]; then
+            rm -rf "$path"
+            removed+=("$path")
+            say "removed $path"
+        fi
+    done
+    rmdir --ignore-fail-on-non-empty /etc/systemd/system/job.socket.d /etc/systemd/system/job@.service.d \
+        "$UNITDIR" 2>/dev/null || true
+    systemctl daemon-reload
+    systemctl reset-failed 'job@*.service' job.socket 2>/dev/null || true
+
+    local creds=() dropins=()
+    if [ -d "$CREDSTORE" ]; then
+        mapfile -t creds < <(find "$CREDSTORE" -mindepth 1 -maxdepth 1 -printf '%f\n' | sort)
+    fi
+    mapfile -t dropins < <(find /etc/systemd/system/job@.service.d -name '50-credential-*.conf' 2>/dev/null | sort)
+    cat <<EOF
+
+$PROG: == uninstalled (${#removed[@]} paths removed)
+Kept on purpose (a new install.sh picks them up again):
+  credentials    $CREDSTORE/: ${creds[*]:-none}
+                 ${dropins[*]:-no LoadCredentialEncrypted= drop-ins}
+                 remove one with \`jobrunner creds rm NAME\` before uninstalling, or delete both by hand
+  configuration  $CONFIG$( [ -e "$CONFIG" ] || echo " (not there)")
+  outputs, logs  ${dirs:-the directories named in $CONFIG}, with every run's results
+  group          ${group:-the developer group}: it owns the outputs and logs; groupdel it once they are gone
+EOF
+}
+
+# ---------------------------------------------------------------------------------------------------
+
+PROJECT=
+GROUP=$DEFAULT_GROUP
+TASKS_MAX=$DEFAULT_TASKS_MAX
+MEMORY_MAX=$DEFAULT_MEMORY_MAX
+NO_APT=0
+UNINSTALL=0
+ARGS=("$@")
+
+need_value() {
+    if [ $# -lt 2 ] || [ -z "$2" ]; then
+        usage_error "$1 needs a value"
+    fi
+}
+
+while [ $# -gt 0 ]; do
+    case $1 in
+    --project) need_value "$@"; PROJECT=$2; shift 2 ;;
+    --project=*) PROJECT=${1#*=}; shift ;;
+    --group) need_value "$@"; GROUP=$2; shift 2 ;;
+    --group=*) GROUP=${1#*=}; shift ;;
+    --tasks-max) need_value "$@"; TASKS_MAX=$2; shift 2 ;;
+    --tasks-max=*) TASKS_MAX=${1#*=}; shift ;;
+    --memory-max) need_value "$@"; MEMORY_MAX=$2; shift 2 ;;
+    --memory-max=*) MEMORY_MAX=${1#*=}; shift ;;
+    --no-apt) NO_APT=1; shift ;;
+    --uninstall) UNINSTALL=1; shift ;;
+    -h | --help) usage; exit 0 ;;
+    *) usage_error "unknown argument: $1" ;;
+    esac
+done
+
+if [ "$UNINSTALL" = 1 ]; then
+    [ -z "$PROJECT" ] || usage_error "--uninstall takes no other option"
+    require_root --uninstall
+    require_systemd
+    uninstall
+    exit 0
+fi
+
+[ -n "$PROJECT" ] || usage_error "--project DIR is required"
+[[ $GROUP =~ ^[a-z_][a-z0-9_-]{0,30}$ ]] || usage_error "--group: not a valid group name: $GROUP"
+[[ $TASKS_MAX =~ ^([1-9][0-9]*|infinity)$ ]] || usage_error "--tasks-max: a number or infinity, not $TASKS_MAX"
+[[ $MEMORY_MAX =~ ^([1-9][0-9]*[KMGT]?|infinity)$ ]] ||
+    usage_error "--memory-max: a size like 512M or 2G, or infinity, not $MEMORY_MAX"
+[ -d "$PROJECT" ] || die 66 "--project $PROJECT: no such directory" "create it (or check the path) first"
+PROJECT=$(realpath -e "$PROJECT")
+if ! [[ $PROJECT =~ $SAFE_PATH ]] || [ "$PROJECT" = / ]; then
+    die 64 "--project: the path must consist of letters, digits and ._/@+- (it goes into unit files): $PROJECT" \
+        "use a directory with a plain name, e.g. /srv/project"
+fi
+for file in runner/__main__.py trigger/__main__.py trigger/trigger_job.sh units/job.socket units/job@.service; do
+    [ -f "$SRC/$file" ] || die 66 "$SRC/$file is missing: run $PROG from a complete jobrunner checkout" ""
+done
+
+require_root "${ARGS[@]}"
+require_systemd
+
+step "packages"
+require_packages
+step "code, commands, documentation"
+install_code
+install_commands
+install_docs
+step "units"
+install_units
+step "developer group $GROUP"
+install_group
+step "configuration"
+install_config
+read_config
+check_project_readable
+step "outputs and logs"
+install_directories
+step "drop-ins"
+install_dropins
+step "checking the units"
+verify_units
+step "job.socket"
+start_socket
+summary
