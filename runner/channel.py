@@ -7,9 +7,9 @@ the supervisor stops reading the job's pipes, so a slow or stalled client slows 
 
 from __future__ import annotations
 
+import _socket
 import os
 import select
-import socket
 import time
 
 from runner.protocol import Reply
@@ -22,7 +22,7 @@ HANGUP = select.POLLHUP | select.POLLERR | select.POLLNVAL
 class ClientChannel:
     """The connection to `jobctl`, `socat` or a CI hook."""
 
-    def __init__(self, conn: socket.socket, reply: Reply) -> None:
+    def __init__(self, conn: _socket.socket, reply: Reply) -> None:
         conn.setblocking(False)  # the supervisor polls it along with the job's pipes
         self.conn = conn
         self.reply = reply
@@ -44,7 +44,10 @@ class ClientChannel:
 
     def output(self, stream: str, data: bytes) -> None:
         if data and self.streaming and not self.gone:
-            self._pending = memoryview(bytes(self._pending) + self.reply.output(stream, data))
+            framed = self.reply.output(stream, data)
+            # Nothing is pending when the supervisor reads output (back-pressure): no copy to append.
+            pending = bytes(self._pending) + framed if self._pending else framed
+            self._pending = memoryview(pending)
 
     def on_ready(self, revents: int) -> None:
         try:
@@ -81,7 +84,7 @@ class ClientChannel:
         """End the reply, then read away what the client still sends before closing: closing a unix
         socket with unread data makes the client's next read fail (ECONNRESET) and lose the reply."""
         try:
-            self.conn.shutdown(socket.SHUT_WR)
+            self.conn.shutdown(_socket.SHUT_WR)
             self.conn.settimeout(DRAIN_ON_CLOSE_S)
             give_up_at = time.monotonic() + DRAIN_ON_CLOSE_S
             while time.monotonic() < give_up_at and self.conn.recv(1 << 16):

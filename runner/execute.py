@@ -15,13 +15,32 @@ import os
 import select
 import signal
 import time
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Protocol
 
 from runner.errors import ConfigError, CredentialError
-from runner.redact import Redactor, StreamRedactor
+from runner.value import Value
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (~2.5 ms on every connection)
+if TYPE_CHECKING:
+    from collections.abc import Mapping, Sequence
+    from pathlib import Path
+    from typing import Protocol
+
+    from runner.redact import Redactor, StreamRedactor
+
+    class Channel(Protocol):
+        gone: bool
+        streaming: bool
+
+        def fileno(self) -> int | None: ...
+        def has_pending(self) -> bool: ...
+        def poll_events(self) -> int: ...
+        def on_ready(self, revents: int) -> None: ...
+        def output(self, stream: str, data: bytes) -> None: ...
+        def give_up(self) -> None: ...
+
+    class LogSink(Protocol):
+        def write(self, data: bytes) -> None: ...
+
 
 READ_SIZE = 1 << 20
 PIPE_SIZE = 1 << 20  # the largest an unprivileged process may ask for (fs.pipe-max-size)
@@ -36,34 +55,22 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 RESET_SIGNALS = (signal.SIGPIPE, signal.SIGXFSZ, *STOP_SIGNALS)
 
 
-class Channel(Protocol):
-    gone: bool
-    streaming: bool
-
-    def fileno(self) -> int | None: ...
-    def has_pending(self) -> bool: ...
-    def poll_events(self) -> int: ...
-    def on_ready(self, revents: int) -> None: ...
-    def output(self, stream: str, data: bytes) -> None: ...
-    def give_up(self) -> None: ...
-
-
-class LogSink(Protocol):
-    def write(self, data: bytes) -> None: ...
-
-
 class StopReason(enum.Enum):
     TIMEOUT = "timed out"
     CANCELLED = "cancelled: the client went away"
     STOPPED = "stopped: the runner was asked to stop"
 
 
-@dataclass(frozen=True, slots=True)
-class Outcome:
-    exit_code: int  # as a shell reports it: 128+N for signal N, 124 for a timeout
-    signal: int | None
-    stop_reason: StopReason | None
-    duration_s: float
+class Outcome(Value):
+    __slots__ = ("duration_s", "exit_code", "signal", "stop_reason")
+
+    def __init__(
+        self, exit_code: int, signal: int | None, stop_reason: StopReason | None, duration_s: float
+    ) -> None:
+        self.exit_code = exit_code  # as a shell reports it: 128+N for signal N, 124 for a timeout
+        self.signal = signal
+        self.stop_reason = stop_reason
+        self.duration_s = duration_s
 
     @property
     def timed_out(self) -> bool:
@@ -81,12 +88,14 @@ class Outcome:
         return f"{self.stop_reason.value}, {how}" if self.stop_reason else how
 
 
-@dataclass(frozen=True, slots=True)
-class Process:
-    pid: int
-    pidfd: int
-    stdout: int
-    stderr: int
+class Process(Value):
+    __slots__ = ("pid", "pidfd", "stderr", "stdout")
+
+    def __init__(self, pid: int, pidfd: int, stdout: int, stderr: int) -> None:
+        self.pid = pid
+        self.pidfd = pidfd
+        self.stdout = stdout
+        self.stderr = stderr
 
 
 def job_environment(

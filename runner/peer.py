@@ -2,34 +2,39 @@
 
 from __future__ import annotations
 
+import _socket
 import errno
 import grp
 import os
-import socket
 import struct
-from collections.abc import Iterable
-from dataclasses import dataclass
 
 from runner.errors import ConfigError, ForbiddenError
+from runner.value import Value
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing
+if TYPE_CHECKING:
+    from collections.abc import Iterable
 
 # Not exported by Python's socket module; the value is fixed in the Linux ABI (asm-generic/socket.h).
-SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)
+SO_PEERGROUPS = getattr(_socket, "SO_PEERGROUPS", 59)
 _UCRED = struct.Struct("iII")  # pid_t pid, uid_t uid, gid_t gid
 
 
-@dataclass(frozen=True, slots=True)
-class Peer:
-    pid: int
-    uid: int
-    gid: int
-    groups: frozenset[int]  # primary and supplementary gids at connect time
+class Peer(Value):
+    __slots__ = ("gid", "groups", "pid", "uid")
+
+    def __init__(self, pid: int, uid: int, gid: int, groups: frozenset[int]) -> None:
+        self.pid = pid
+        self.uid = uid
+        self.gid = gid
+        self.groups = groups  # primary and supplementary gids at connect time
 
     def describe(self) -> str:
         return f"uid={self.uid} ({user_name(self.uid)}) gid={self.gid} pid={self.pid}"
 
 
-def read_peer(conn: socket.socket) -> Peer:
-    pid, uid, gid = _UCRED.unpack(conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
+def read_peer(conn: _socket.socket) -> Peer:
+    pid, uid, gid = _UCRED.unpack(conn.getsockopt(_socket.SOL_SOCKET, _socket.SO_PEERCRED, _UCRED.size))
     return Peer(pid=pid, uid=uid, gid=gid, groups=frozenset({gid, *_peer_groups(conn)}))
 
 
@@ -38,11 +43,11 @@ def operator_peer() -> Peer:
     return Peer(pid=os.getpid(), uid=os.getuid(), gid=os.getgid(), groups=frozenset(os.getgroups()))
 
 
-def _peer_groups(conn: socket.socket) -> tuple[int, ...]:
+def _peer_groups(conn: _socket.socket) -> tuple[int, ...]:
     size = 64 * 4
     while True:
         try:
-            raw = conn.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, size)
+            raw = conn.getsockopt(_socket.SOL_SOCKET, SO_PEERGROUPS, size)
         except OSError as e:
             if e.errno == errno.ERANGE and size < 65536 * 4:
                 size *= 16

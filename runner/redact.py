@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import binascii
 import re
-from collections.abc import Iterable, Iterator
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing
+if TYPE_CHECKING:
+    from collections.abc import Iterable, Iterator
 
 MASK = b"***"
 MIN_ENCODED_LENGTH = 8  # shorter fragments of an encoding would mangle ordinary output
@@ -30,8 +33,8 @@ def encoded_forms(secret: bytes) -> set[bytes]:
         end = len(standard) - (1 if (alignment + len(secret)) % 3 else 0)
         core = standard[start:end]
         forms |= {core, core.replace(b"+", b"-").replace(b"/", b"_")}
-    quoted = b"".join(bytes([c]) if c in URL_UNRESERVED else b"%%%02X" % c for c in secret)
-    forms |= {quoted, re.sub(rb"%[0-9A-F]{2}", lambda m: m.group().lower(), quoted)}
+    for escape in (b"%%%02X", b"%%%02x"):
+        forms.add(b"".join(bytes([c]) if c in URL_UNRESERVED else escape % c for c in secret))
     forms.discard(secret)
     return {form for form in forms if len(form) >= MIN_ENCODED_LENGTH}
 
@@ -42,14 +45,25 @@ class Redactor:
     def __init__(self, secrets: Iterable[bytes]) -> None:
         # Longest first, so that a secret containing another is replaced whole.
         self.secrets = sorted({s for s in secrets if s}, key=len, reverse=True)
-        self._pattern = re.compile(b"|".join(re.escape(s) for s in self.secrets)) if self.secrets else None
+        self._compiled: re.Pattern[bytes] | None = None
+
+    def _pattern(self) -> re.Pattern[bytes]:
+        # Compiled on first need: an alternation of a dozen escaped forms costs ~1 ms to compile, and
+        # most runs never print a secret (the `in` checks below say so without it).
+        if self._compiled is None:
+            self._compiled = re.compile(b"|".join(re.escape(s) for s in self.secrets))
+        return self._compiled
+
+    def contains_secret(self, data: bytes) -> bool:
+        # `in` is a fast substring search; the regex runs only on the rare data that holds a secret.
+        return any(secret in data for secret in self.secrets)
 
     def redact(self, data: bytes) -> bytes:
         """Redact a complete piece of data (a message, a header line)."""
-        return self._pattern.sub(MASK, data) if self._pattern else data
+        return self._pattern().sub(MASK, data) if self.contains_secret(data) else data
 
     def finditer(self, data: bytes) -> Iterator[re.Match[bytes]]:
-        return self._pattern.finditer(data) if self._pattern else iter(())
+        return self._pattern().finditer(data) if self.contains_secret(data) else iter(())
 
     def redact_text(self, text: str) -> str:
         return self.redact(text.encode("utf-8", "surrogateescape")).decode("utf-8", "surrogateescape")
@@ -84,13 +98,15 @@ class StreamRedactor:
         # Hold back the tail that may still grow into a secret (even one that contains a shorter secret
         # that already matched: "postgres://app:PASS" may yet become the whole DATABASE_URL).
         cut = len(data) - redactor.held_back_length(data)
-        # `in` is a fast substring search; the regex runs only on the rare chunk that holds a secret.
-        found = any(secret in data for secret in redactor.secrets)
+        found = redactor.contains_secret(data)
         if found:
             for match in redactor.finditer(data):
                 if match.start() < cut < match.end():
                     cut = match.start()  # never emit part of a secret: keep the whole match for later
                     break
+        if cut == len(data) and not found:
+            self._carry = b""
+            return data  # the usual case, without copying the chunk into a slice of itself
         self._carry = data[cut:]
         return redactor.redact(data[:cut]) if found else data[:cut]
 

@@ -5,11 +5,14 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass
-from pathlib import Path
-from typing import BinaryIO
 
 from runner.errors import InternalError
+from runner.value import Value
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing
+if TYPE_CHECKING:
+    from pathlib import Path
+    from typing import BinaryIO
 
 
 def new_run_id(now: float | None = None) -> str:
@@ -24,10 +27,12 @@ def iso_time(t: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int((t % 1) * 1000):03d}Z"
 
 
-@dataclass(frozen=True, slots=True)
-class RunPaths:
-    output_dir: Path
-    log: Path
+class RunPaths(Value):
+    __slots__ = ("log", "output_dir")
+
+    def __init__(self, output_dir: Path, log: Path) -> None:
+        self.output_dir = output_dir
+        self.log = log
 
 
 def create_run_paths(outputs: Path, logs: Path, job: str, run_id: str) -> RunPaths:

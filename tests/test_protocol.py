@@ -571,6 +571,24 @@ def test_json_error_with_and_without_run_id() -> None:
     assert without == {"event": "error", "code": "busy", "message": "job 'x' is already running", "hint": ""}
 
 
+OUTPUT_PIECES = [b"a", b" ", b"\n", b"\r", b"\t", b'"', b"\\", b"\x00", b"\x1b", b"\x7f", b"/", b"<"]
+OUTPUT_PIECES += ["é".encode(), "€".encode(), "\u2028".encode(), "😀".encode(), b"\xff", b"\xc3"]
+
+
+@settings(max_examples=500, deadline=None, database=None)
+@given(st.lists(st.sampled_from(OUTPUT_PIECES), max_size=60), st.sampled_from(["stdout", "stderr"]))
+def test_output_events_are_byte_for_byte_what_json_dumps_makes(pieces: list[bytes], stream: str) -> None:
+    """The JSON form escapes ordinary output on the bytes (for speed); the wire must not change."""
+    data = b"".join(pieces)
+    try:
+        fields: dict[str, str] = {"event": "output", "stream": stream, "text": data.decode("utf-8")}
+    except UnicodeDecodeError:
+        fields = {"event": "output", "stream": stream, "base64": base64.b64encode(data).decode("ascii")}
+    expected = json.dumps(fields, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
+
+    assert Reply(Form.JSON).output(stream, data) == expected
+
+
 @pytest.mark.parametrize(
     "data",
     [b"\xff", b"\x80abc", b"ok \xc3", b"\xc3\x28", b"\xed\xa0\x80", bytes(range(256)), b"\x00\xff\x00"],

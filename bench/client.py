@@ -1,0 +1,211 @@
+"""The bench's measuring side: runs *inside* the container, as the developer (or root), and prints JSON.
+
+bench/run.py copies this file in and runs it once per measurement pass, so that no nsenter or setpriv
+sits between the clock and what it times. Standard library only (the container has a bare python3).
+
+    client.py latency SPEC_JSON     interleaved round trips (round-robin over the targets, so that a
+                                    drift in the machine's speed hits every target alike)
+    client.py concurrent SPEC_JSON  N client threads x M requests against one target
+    client.py stream SPEC_JSON      one long reply: bytes, seconds, the runner's peak memory
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import socket
+import sys
+import threading
+import time
+from typing import Any
+
+RECV_SIZE = 1 << 20
+
+
+def socket_request(path: str, line: bytes, *, sink: bytearray | None = None) -> tuple[float, float, int]:
+    """Connect, send one request line, read to EOF. Returns (time to first byte, total, bytes read)."""
+    buf = bytearray(RECV_SIZE)
+    view = memoryview(buf)
+    started = time.perf_counter()
+    first = 0.0
+    total = 0
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.connect(path)
+        s.sendall(line)
+        while True:
+            n = s.recv_into(view)
+            if not n:
+                break
+            if not total:
+                first = time.perf_counter()
+            total += n
+            if sink is not None:
+                sink += view[:n]
+    return first - started, time.perf_counter() - started, total
+
+
+def spawn(argv: list[str]) -> tuple[float, float, int]:
+    """Run a program to its end, output to /dev/null. Returns (total, total, exit status)."""
+    devnull = os.open(os.devnull, os.O_RDWR)
+    try:
+        started = time.perf_counter()
+        pid = os.posix_spawnp(
+            argv[0],
+            argv,
+            os.environ,
+            file_actions=[
+                (os.POSIX_SPAWN_DUP2, devnull, 0),
+                (os.POSIX_SPAWN_DUP2, devnull, 1),
+                (os.POSIX_SPAWN_DUP2, devnull, 2),
+            ],
+        )
+        _, status = os.waitpid(pid, 0)
+        elapsed = time.perf_counter() - started
+    finally:
+        os.close(devnull)
+    return elapsed, elapsed, os.waitstatus_to_exitcode(status)
+
+
+def one(target: dict[str, Any]) -> tuple[float, float]:
+    """One request to a target; raises when the reply is not what a success looks like."""
+    if target["kind"] == "socket":
+        tail = bytearray()
+        ttfb, total, n = socket_request(target["path"], target["line"].encode(), sink=tail)
+        expect = target.get("expect", "")
+        if not n or expect.encode() not in tail[-4096:]:
+            raise RuntimeError(f"{target['name']}: unexpected reply {bytes(tail[-300:])!r}")
+        return ttfb, total
+    ttfb, total, status = spawn(target["argv"])
+    if status != 0:
+        raise RuntimeError(f"{target['name']}: {target['argv']} exited with {status}")
+    return ttfb, total
+
+
+def latency(spec: dict[str, Any]) -> dict[str, Any]:
+    targets = spec["targets"]
+    results: dict[str, dict[str, list[float]]] = {t["name"]: {"ttfb": [], "total": []} for t in targets}
+    for _ in range(spec["warmup"]):
+        for t in targets:
+            one(t)
+    for _ in range(spec["requests"]):
+        for t in targets:
+            ttfb, total = one(t)
+            results[t["name"]]["ttfb"].append(ttfb)
+            results[t["name"]]["total"].append(total)
+            pause = spec.get("pause_s", 0.0)
+            if pause:
+                time.sleep(pause)  # let the previous instance's teardown finish outside the clock
+    return results
+
+
+def concurrent(spec: dict[str, Any]) -> dict[str, Any]:
+    target, clients, per_client = spec["target"], spec["clients"], spec["requests_per_client"]
+    latencies: list[float] = []
+    errors: list[str] = []
+    start = threading.Barrier(clients + 1)
+    lock = threading.Lock()
+
+    def client() -> None:
+        mine = []
+        start.wait()
+        for _ in range(per_client):
+            try:
+                mine.append(one(target)[1])
+            except Exception as e:  # counted, not fatal: the figure says how many failed
+                with lock:
+                    errors.append(str(e)[:200])
+        with lock:
+            latencies.extend(mine)
+
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    start.wait()
+    began = time.perf_counter()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - began
+    return {"wall_s": wall, "latencies": latencies, "errors": errors, "requests": clients * per_client}
+
+
+def runner_processes() -> list[int]:
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    if b"\0-m\0runner\0" in f.read():
+                        pids.append(int(entry))
+            except OSError:
+                pass
+    return pids
+
+
+def vm_hwm_kib(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def stream(spec: dict[str, Any]) -> dict[str, Any]:
+    """One long reply; meanwhile sample VmHWM (the kernel's peak RSS) of every runner process."""
+    peaks: dict[int, int] = {}
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            for pid in runner_processes():
+                hwm = vm_hwm_kib(pid)
+                if hwm is not None:
+                    peaks[pid] = max(peaks.get(pid, 0), hwm)
+            done.wait(0.05)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    tail = bytearray()
+    # Only the last bytes are kept (to check the final line): the client must not be the bottleneck.
+    buf = bytearray(RECV_SIZE)
+    view = memoryview(buf)
+    started = time.perf_counter()
+    received = 0
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.connect(spec["path"])
+        s.sendall(spec["line"].encode())
+        while True:
+            n = s.recv_into(view)
+            if not n:
+                break
+            received += n
+            tail = bytearray(view[n - 4096 : n]) if n >= 4096 else (tail + view[:n])[-4096:]
+    seconds = time.perf_counter() - started
+    done.set()
+    sampler.join()
+    for pattern in spec.get("cleanup", []):
+        for path in glob.glob(pattern):
+            os.unlink(path)  # a 1 GiB run log per run would fill the container's RAM-backed overlay
+    expect = spec.get("expect", "")
+    if expect and expect.encode() not in tail:
+        raise RuntimeError(f"stream: unexpected end of reply {bytes(tail[-300:])!r}")
+    return {
+        "seconds": seconds,
+        "wire_bytes": received,
+        "payload_bytes": spec["payload_bytes"],
+        "runner_vmhwm_kib": max(peaks.values()) if peaks else None,
+    }
+
+
+def main() -> int:
+    mode, spec = sys.argv[1], json.loads(sys.argv[2])
+    result = {"latency": latency, "concurrent": concurrent, "stream": stream}[mode](spec)
+    json.dump(result, sys.stdout)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

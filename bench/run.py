@@ -1,0 +1,583 @@
+"""Benchmark jobrunner against the sandbox floor and the alternatives, inside real systemd (issue 5).
+
+    sudo python3 bench/run.py [--distro bookworm] [--distro trixie] [--requests 200] [--json FILE]
+
+Boots the end-to-end tests' Debian container (tests/e2e/container.py), installs jobrunner with the
+tests' own helpers (install.sh, a developer in the group, a credential stored with `jobrunner creds
+set`), adds the baselines next to it, then measures from inside the container (bench/client.py, so
+that no nsenter sits between the clock and what it times). Prints one table, every figure a ratio
+against a baseline measured in the same run, and writes the raw numbers as JSON.
+
+Baselines:
+  floor        floor.socket + floor@.service: job@.service's whole sandbox and credential (generated
+               from `systemctl cat job@x.service`, drop-ins included), ExecStart a shell that reads one
+               line and prints one line. What any per-connection sandboxed service pays.
+  floor-bare   the same socket, a template with nothing but that shell: what the sandbox costs.
+  floor-python job@'s sandbox, `python3 -P -m` a module that reads the line and the key and replies:
+               the interpreter's own share, which no Python runner can go below.
+  python-start `python3 -P -c pass` as the developer: what any Python client (jobctl) pays first.
+  socat        socat (default 8 KiB buffer) moving the streaming job's bytes over a plain unix socket.
+
+The `sudo -u` alternative needs sudo, which the test rootfs lacks: the bench installs the host's cached
+/var/cache/apt/archives/sudo_*.deb into the (throwaway) container (`apt-get install -d sudo` puts one
+there), else it falls back to `setpriv` as root and says so. The cached rootfs is never modified.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import shlex
+import signal
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+try:
+    from tests.e2e.conftest import (
+        CHECKOUT,
+        CREDENTIAL,
+        DEVELOPER,
+        GROUP,
+        PROJECT,
+        add_users,
+        copy_checkout,
+        make_project,
+        run_install,
+        store_credential,
+    )
+    from tests.e2e.container import DISTROS, Container
+except ImportError as e:  # conftest imports pytest
+    sys.exit(f"bench: {e}: run it with the python3 the tests use (`make deps` installs pytest)")
+
+CLIENT = "/root/bench-client.py"
+CLIENT_AS_DEVELOPER = "/home/alice/bench-client.py"  # /root is not readable by the developer
+SERVICE_USER = "jrsvc"  # the `sudo -u` alternative's service user, owner of the key file
+KEY_FILE = "/etc/jrsvc/api-key"
+GIB = 1 << 30
+# Printable, so that the JSON protocol carries it as text (as it would a log), not as base64 or \u escapes.
+STREAM_LINE = "jobrunner bench 0123456789 abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+STREAM_COMMAND = f"yes '{STREAM_LINE}' | head -c \"$1\""
+FLOOR_REPLY = "read -r line <&3; echo floor-ok >&3"
+# The interpreter's share: the same sandbox, started like the runner (`python3 -P -m MODULE`), reading the
+# request and the key and replying, with nothing imported beyond what the interpreter itself loads.
+FLOOR_PYTHON_DIR = "/usr/local/lib/jobrunner-bench"
+FLOOR_PYTHON_SOURCE = """\
+import os
+
+os.read(3, 65536)
+with open(os.environ["CREDENTIALS_DIRECTORY"] + "/api-key", "rb") as f:
+    f.read()
+os.write(3, b"floor-ok\\n")
+"""
+
+JOBS_TOML = f"""\
+# Written by bench/run.py.
+[runner]
+project = "{PROJECT}"
+# The concurrency pass runs 20 clients as one developer (the default limit is 8).
+max_runs_per_user = 64
+
+[jobs.noop]
+description = "Does nothing, with the key available (bench)"
+command = ["/bin/true"]
+credentials = ["{CREDENTIAL}"]
+concurrency = "parallel"
+
+[jobs.first]
+description = "Prints a line at once, then sleeps (bench: time to first byte)"
+command = ["/bin/sh", "-c", "echo first; sleep 0.2"]
+concurrency = "parallel"
+
+[jobs.stream]
+description = "Prints N bytes (bench: streaming)"
+command = ["/bin/sh", "-c", {json.dumps(STREAM_COMMAND)}, "stream"]
+args = "[0-9]+"
+# So that redaction is on: every byte is searched for the key and its encoded forms.
+credentials = ["{CREDENTIAL}"]
+concurrency = "parallel"
+"""
+
+
+def log(msg: str) -> None:
+    print(f"[bench] {msg}", file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------------------------- setup
+
+
+def install(ct: Container, runner_override: Path | None) -> None:
+    """jobrunner as a user installs it (the e2e helpers), with the bench's jobs and a credential."""
+    add_users(ct)
+    make_project(ct)
+    copy_checkout(ct)
+    if runner_override is not None:  # A/B runs: another version of runner/ with everything else equal
+        ct.run(["rm", "-rf", f"{CHECKOUT}/runner"])
+        ct.copy_in(runner_override, f"{CHECKOUT}/runner")
+        ct.run(
+            ["find", f"{CHECKOUT}/runner", "-name", "__pycache__", "-prune", "-exec", "rm", "-rf", "{}", "+"]
+        )
+    run_install(ct, "--project", PROJECT, "--no-apt")
+    ct.run(["usermod", "--append", "--groups", GROUP, DEVELOPER])
+    ct.write_file("/etc/jobrunner/jobs.toml", JOBS_TOML)
+    store_credential(ct, CREDENTIAL, "bench-" + secrets.token_hex(16))
+
+
+def unit_text(ct: Container, unit: str) -> str:
+    """A unit with all its drop-ins, as one file (drop-ins are parsed as if appended to it)."""
+    return ct.run(["systemctl", "cat", "--no-pager", unit]).stdout.decode()
+
+
+def floor_units(ct: Container) -> None:
+    """floor.socket/floor@.service (job@'s sandbox and credential) and floor-bare (no sandbox)."""
+    socket_text = unit_text(ct, "job.socket")
+    service = unit_text(ct, "job@bench.service")
+    lines = [line for line in service.splitlines() if not line.startswith("ExecStart=")]
+    reply = f"ExecStart=/bin/sh -c '{FLOOR_REPLY}'"
+    python = [f"Environment=PYTHONPATH={FLOOR_PYTHON_DIR}", "ExecStart=/usr/bin/python3 -P -m benchfloor"]
+    units = {
+        "floor@.service": "\n".join([*lines, "", "[Service]", reply, ""]),
+        "floor-python@.service": "\n".join([*lines, "", "[Service]", *python, ""]),
+        "floor-bare@.service": f"[Service]\n{reply}\n",
+    }
+    ct.write_file(f"{FLOOR_PYTHON_DIR}/benchfloor.py", FLOOR_PYTHON_SOURCE)
+    ct.run(["python3", "-m", "compileall", "-q", FLOOR_PYTHON_DIR])  # like install.sh does for the runner
+    for name in ("floor", "floor-python", "floor-bare"):
+        units[f"{name}.socket"] = socket_text.replace(
+            "ListenStream=/run/job.sock", f"ListenStream=/run/{name}.sock"
+        )
+    for name, text in units.items():
+        ct.write_file(f"/etc/systemd/system/{name}", text)
+    ct.run(["systemctl", "daemon-reload"])
+    ct.run(["systemctl", "start", "floor.socket", "floor-python.socket", "floor-bare.socket"])
+
+
+def start_socat(ct: Container, size: int) -> str:
+    path = "/run/bench-socat.sock"
+    ct.run(["systemctl", "stop", "bench-socat.service"], check=False)
+    ct.run(["systemctl", "reset-failed", "bench-socat.service"], check=False)
+    generator = STREAM_COMMAND.replace('"$1"', str(size))
+    ct.run(
+        [
+            "systemd-run", "--quiet", "--unit=bench-socat", "--",
+            # -U: one way only, from the command to the client.
+            "socat", "-U", f"UNIX-LISTEN:{path},fork,mode=0666,unlink-early", f"SYSTEM:{generator}",
+        ]
+    )  # fmt: skip
+    for _ in range(100):
+        if ct.run(["test", "-S", path], check=False).returncode == 0:
+            return path
+        time.sleep(0.05)
+    raise RuntimeError("socat did not start listening")
+
+
+def sudo_alternative(ct: Container) -> str:
+    """A service user owning a key file, and a sudo rule for the developer; returns how it is run."""
+    ct.run(
+        ["sh", "-c", f"id {SERVICE_USER} >/dev/null 2>&1 || useradd --system --no-create-home {SERVICE_USER}"]
+    )
+    ct.run(["install", "-d", "-m", "0700", "-o", SERVICE_USER, os.path.dirname(KEY_FILE)])
+    ct.run(
+        [
+            "sh",
+            "-c",
+            f"printf %s bench-key > {KEY_FILE}; chown {SERVICE_USER} {KEY_FILE}; chmod 0600 {KEY_FILE}",
+        ]
+    )
+    if ct.run(["sh", "-c", "command -v sudo"], check=False).returncode != 0:
+        debs = sorted(Path("/var/cache/apt/archives").glob("sudo_*.deb"))
+        if debs:
+            ct.write_file("/root/sudo.deb", debs[-1].read_bytes())
+            res = ct.run(["dpkg", "-i", "/root/sudo.deb"], check=False)
+            if res.returncode != 0:
+                log(f"dpkg -i sudo failed, using setpriv instead:\n{res.stderr.decode()[-800:]}")
+        else:
+            log("no sudo .deb in the host's apt cache (apt-get install -d sudo): using setpriv instead")
+    if ct.run(["sh", "-c", "command -v sudo"], check=False).returncode == 0:
+        ct.write_file(
+            "/etc/sudoers.d/bench", f"{DEVELOPER} ALL=({SERVICE_USER}) NOPASSWD: /bin/true\n", mode=0o440
+        )
+        return "sudo"
+    return "setpriv"
+
+
+# ------------------------------------------------------------------------------------------- measuring
+
+
+def client(ct: Container, mode: str, spec: dict[str, Any], *, user: str | None, timeout: float) -> Any:
+    path = CLIENT if user is None else CLIENT_AS_DEVELOPER
+    res = ct.run(["python3", "-I", path, mode, json.dumps(spec)], user=user, timeout=timeout)
+    return json.loads(res.stdout)
+
+
+def socket_target(name: str, path: str, line: str, expect: str) -> dict[str, Any]:
+    return {"name": name, "kind": "socket", "path": path, "line": line, "expect": expect}
+
+
+def exec_target(name: str, argv: list[str]) -> dict[str, Any]:
+    return {"name": name, "kind": "exec", "argv": argv}
+
+
+FLOOR = socket_target("floor", "/run/floor.sock", "x\n", "floor-ok")
+FLOOR_PYTHON = socket_target("floor-python", "/run/floor-python.sock", "x\n", "floor-ok")
+FLOOR_BARE = socket_target("floor-bare", "/run/floor-bare.sock", "x\n", "floor-ok")
+PRODUCT = socket_target("product-raw", "/run/job.sock", "run noop\n", "exited with 0")
+FIRST = socket_target("first-byte", "/run/job.sock", "run first\n", "exited with 0")
+JOBCTL = exec_target("jobctl", ["jobctl", "run", "noop"])
+# What any Python client pays before its first line runs: the interpreter's start and exit.
+PYTHON_START = exec_target("python-start", ["python3", "-P", "-c", "pass"])
+
+
+def measure(ct: Container, args: argparse.Namespace) -> dict[str, Any]:
+    raw: dict[str, Any] = {
+        "distro": ct.distro,
+        "systemd": _systemd_version(ct),
+        "python": _python_version(ct),
+    }
+    n, warmup, pause = args.requests, args.warmup, args.pause
+    if "latency" in args.only:
+        how = sudo_alternative(ct)
+        alt = (
+            [exec_target("alt-sudo", ["sudo", "-n", "-u", SERVICE_USER, "/bin/true"])]
+            if how == "sudo"
+            else []
+        )
+        targets = [FLOOR_BARE, FLOOR, FLOOR_PYTHON, PRODUCT, JOBCTL, PYTHON_START, FIRST, *alt]
+        log(f"latency: {n} rounds over {', '.join(t['name'] for t in targets)} (as {DEVELOPER})")
+        spec = {"targets": targets, "requests": n, "warmup": warmup, "pause_s": pause}
+        raw["latency"] = client(ct, "latency", spec, user=DEVELOPER, timeout=3600)
+        root_targets = [
+            FLOOR,
+            exec_target(
+                "alt-systemd-run",
+                [
+                    "systemd-run",
+                    "--quiet",
+                    "--wait",
+                    "--pipe",
+                    "-p",
+                    "DynamicUser=yes",
+                    "-p",
+                    f"LoadCredentialEncrypted={CREDENTIAL}:/etc/credstore.encrypted/{CREDENTIAL}",
+                    "/bin/true",
+                ],
+            ),
+        ]
+        if how == "setpriv":
+            root_targets.append(
+                exec_target(
+                    "alt-setpriv",
+                    [
+                        "setpriv",
+                        f"--reuid={SERVICE_USER}",
+                        f"--regid={SERVICE_USER}",
+                        "--init-groups",
+                        "/bin/true",
+                    ],
+                )
+            )
+        log(f"latency: {n} rounds over {', '.join(t['name'] for t in root_targets)} (as root)")
+        spec = {"targets": root_targets, "requests": n, "warmup": warmup, "pause_s": pause}
+        raw["latency_root"] = client(ct, "latency", spec, user=None, timeout=3600)
+        raw["alternative_sudo"] = how
+    if "concurrency" in args.only:
+        raw["concurrency"] = {"product": [], "floor": []}
+        for round_ in range(args.rounds):
+            for name, target in (("product", PRODUCT), ("floor", FLOOR)):
+                log(f"concurrency: {args.clients} x {args.per_client} requests, {name} (round {round_ + 1})")
+                spec = {"target": target, "clients": args.clients, "requests_per_client": args.per_client}
+                raw["concurrency"][name].append(client(ct, "concurrent", spec, user=DEVELOPER, timeout=3600))
+                time.sleep(2)  # let the last instances finish before the next pass
+    if "stream" in args.only:
+        size = args.stream_bytes
+        socat_path = start_socat(ct, size)
+        logs = f"{PROJECT}/logs/stream/*.log"
+        kinds = {
+            "socat": {"path": socat_path, "line": "", "expect": ""},
+            "text": {"path": "/run/job.sock", "line": f"run stream {size}\n", "expect": "exited with 0"},
+            "json": {
+                "path": "/run/job.sock",
+                "line": json.dumps({"op": "run", "job": "stream", "args": [str(size)]}) + "\n",
+                "expect": '"exit_code":0',
+            },
+        }
+        raw["stream"] = {kind: [] for kind in kinds}
+        for round_ in range(args.rounds):
+            for kind, where in kinds.items():
+                log(f"streaming: {size} bytes, {kind} (round {round_ + 1})")
+                spec = {**where, "payload_bytes": size, "cleanup": [logs]}
+                raw["stream"][kind].append(client(ct, "stream", spec, user=DEVELOPER, timeout=600))
+        ct.run(["systemctl", "stop", "bench-socat.service"], check=False)
+    return raw
+
+
+def _systemd_version(ct: Container) -> str:
+    return ct.run(["systemctl", "--version"]).stdout.decode().splitlines()[0]
+
+
+def _python_version(ct: Container) -> str:
+    return ct.run(["python3", "--version"]).stdout.decode().strip()
+
+
+# ------------------------------------------------------------------------------------------- the table
+
+
+def pct(values: list[float], q: float) -> float:
+    """The q-quantile (0..1) with linear interpolation between the closest ranks."""
+    s = sorted(values)
+    pos = (len(s) - 1) * q
+    lo = int(pos)
+    hi = min(lo + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
+
+
+def noisy(values: list[float]) -> bool:
+    """Noisy: the two halves of the run disagree on the median by more than 10 %, or the spread
+    (p95 over p50) is above 2."""
+    if len(values) < 10:
+        return False
+    half = len(values) // 2
+    a, b = statistics.median(values[:half]), statistics.median(values[half:])
+    return abs(a - b) / min(a, b) > 0.10 or pct(values, 0.95) / pct(values, 0.5) > 2
+
+
+Row = tuple[str, str, str, str, str]  # measure, value, ratio, baseline, target verdict
+
+
+def rows(raw: dict[str, Any]) -> list[Row]:  # noqa: PLR0915 - one table, read top to bottom
+    out: list[Row] = []
+    lat = raw.get("latency")
+    if lat:
+
+        def ms(name: str, series: str = "total", src: dict[str, Any] = lat) -> list[float]:
+            return [v * 1000 for v in src[name][series]]
+
+        def latency_row(  # noqa: PLR0917
+            label: str, values: list[float], base50: float, base95: float, base: str, target: str = ""
+        ) -> Row:
+            p50, p95 = pct(values, 0.5), pct(values, 0.95)
+            flag = " (noisy)" if noisy(values) else ""
+            return (
+                label,
+                f"{p50:6.1f} / {p95:6.1f} ms{flag}",
+                f"{p50 / base50:4.2f} / {p95 / base95:4.2f}",
+                base,
+                target,
+            )
+
+        fl = ms("floor")
+        b50, b95 = pct(fl, 0.5), pct(fl, 0.95)
+        out.append(latency_row("floor: job@'s sandbox + key, sh reply", fl, b50, b95, "itself"))
+        out.append(latency_row("floor without sandbox (sh reply)", ms("floor-bare"), b50, b95, "floor"))
+        if "floor-python" in lat:  # the interpreter's own share, started the way the runner is
+            python = ms("floor-python")
+            out.append(latency_row("floor, python3 -P -m: reads line + key", python, b50, b95, "floor"))
+        product = ms("product-raw")
+        p50, p95 = pct(product, 0.5), pct(product, 0.95)
+        verdict = _verdict(p50 / b50 <= 1.3 and p95 / b95 <= 1.5)
+        out.append(
+            latency_row(
+                "no-op job, raw socket (p50 / p95)", product, b50, b95, "floor", f"<=1.3/1.5 {verdict}"
+            )
+        )
+        jobctl = ms("jobctl")
+        extra = pct(jobctl, 0.5) - p50
+        out.append(
+            latency_row(
+                "no-op job, jobctl", jobctl, b50, b95, "floor",
+                f"+{extra:.1f} ms over raw (<=15) {_verdict(extra <= 15)}",
+            )
+        )  # fmt: skip
+        if "python-start" in lat:
+            start = ms("python-start")
+            out.append(latency_row("  of which: python3 -P -c pass", start, b50, b95, "floor"))
+        first = ms("first-byte", "ttfb")
+        out.append(latency_row("time to first byte (job prints, sleeps)", first, b50, b95, "floor", ""))
+        if "alt-sudo" in lat:
+            out.append(latency_row("alt: sudo -u service-user /bin/true", ms("alt-sudo"), b50, b95, "floor"))
+        root = raw.get("latency_root", {})
+        if root:
+            rf = [v * 1000 for v in root["floor"]["total"]]
+            r50, r95 = pct(rf, 0.5), pct(rf, 0.95)
+            for name, label in (
+                ("alt-systemd-run", "alt: systemd-run --wait --pipe DynamicUser+key"),
+                ("alt-setpriv", "alt: setpriv (no sudo here) service user"),
+            ):
+                if name in root:
+                    out.append(latency_row(label, ms(name, src=root), r50, r95, "floor (root pass)"))
+    conc = raw.get("concurrency")
+    if conc:
+
+        def throughput(results: list[dict[str, Any]]) -> float:
+            return statistics.median(r["requests"] / r["wall_s"] for r in results)
+
+        def p95(results: list[dict[str, Any]]) -> float:
+            return statistics.median(pct(r["latencies"], 0.95) * 1000 for r in results)
+
+        tp, tf = throughput(conc["product"]), throughput(conc["floor"])
+        errors = sum(len(r["errors"]) for r in conc["product"] + conc["floor"])
+        spread = [r["requests"] / r["wall_s"] for r in conc["product"]]
+        flag = " (noisy)" if max(spread) / min(spread) > 1.15 else ""
+        clients = len(conc["product"][0]["latencies"])
+        out.append(
+            ("concurrency, floor: throughput", f"{tf:6.1f} req/s", "1.00", "itself", f"{clients} requests")
+        )
+        out.append(
+            (
+                "concurrency, no-op job: throughput",
+                f"{tp:6.1f} req/s{flag}",
+                f"{tp / tf:4.2f}",
+                "floor",
+                f">=0.75 {_verdict(tp / tf >= 0.75)}" + (f", {errors} errors" if errors else ""),
+            )
+        )
+        pp, pf = p95(conc["product"]), p95(conc["floor"])
+        out.append(("concurrency, floor: p95", f"{pf:6.1f} ms", "1.00", "itself", ""))
+        out.append(("concurrency, no-op job: p95", f"{pp:6.1f} ms", f"{pp / pf:4.2f}", "floor", ""))
+    stream = raw.get("stream")
+    if stream:
+
+        def rate(results: list[dict[str, Any]]) -> float:
+            return statistics.median(r["payload_bytes"] / r["seconds"] / 1e6 for r in results)
+
+        socat = rate(stream["socat"])
+        out.append(("streaming: socat, plain unix socket", f"{socat:6.0f} MB/s", "1.00", "itself", ""))
+        for kind, need in (("text", 1.0), ("json", 0.5)):
+            r = rate(stream[kind])
+            rates = [x["payload_bytes"] / x["seconds"] / 1e6 for x in stream[kind]]
+            flag = " (noisy)" if max(rates) / min(rates) > 1.15 else ""
+            out.append(
+                (
+                    f"streaming: {kind} protocol",
+                    f"{r:6.0f} MB/s{flag}",
+                    f"{r / socat:4.2f}",
+                    "socat",
+                    f">={need:g} {_verdict(r / socat >= need)}",
+                )
+            )
+        peaks = [x["runner_vmhwm_kib"] for k in ("text", "json") for x in stream[k] if x["runner_vmhwm_kib"]]
+        if peaks:
+            peak = max(peaks) / 1024
+            out.append(
+                (
+                    "runner peak memory (VmHWM)",
+                    f"{peak:6.1f} MB",
+                    f"{peak / 30:4.2f}",
+                    "30 MB target",
+                    _verdict(peak < 30),
+                )
+            )
+    return out
+
+
+def _verdict(ok: bool) -> str:
+    return "ok" if ok else "MISSED"
+
+
+def print_table(per_distro: dict[str, dict[str, Any]]) -> None:
+    tables = {distro: rows(raw) for distro, raw in per_distro.items()}
+    labels = [r[0] for r in next(iter(tables.values()))]
+    header = ["measure", "baseline"]
+    for distro, raw in per_distro.items():
+        version = raw["systemd"].split()[1]
+        header += [f"{distro} ({version}): value", "ratio", "target"]
+    body = []
+    for i, label in enumerate(labels):
+        base = next(iter(tables.values()))[i][3]
+        line = [label, base]
+        for table in tables.values():
+            row = table[i] if i < len(table) else ("", "", "", "", "")
+            line += [row[1], row[2], row[4]]
+        body.append(line)
+    widths = [max(len(r[c]) for r in [header, *body]) for c in range(len(header))]
+    fmt = " | ".join(f"{{:{w}}}" for w in widths)
+    print(fmt.format(*header))
+    print("-|-".join("-" * w for w in widths))
+    for line in body:
+        print(fmt.format(*line))
+    print("\nlatency values: p50 / p95; ratio: p50 / p95 over the baseline's, same run.")
+
+
+# ------------------------------------------------------------------------------------------------ main
+
+
+def bench(distro: str, args: argparse.Namespace) -> dict[str, Any]:
+    with Container.boot(distro, name="bench", binds_ro={REPO: "/src"}) as ct:
+        log(f"{distro}: installing jobrunner")
+        install(ct, args.runner)
+        floor_units(ct)
+        ct.write_file(CLIENT, (REPO / "bench" / "client.py").read_bytes())
+        ct.write_file(CLIENT_AS_DEVELOPER, (REPO / "bench" / "client.py").read_bytes())
+        if args.shell:
+            print(
+                f"container up, jobrunner installed: {ct.nsenter_hint()}\nCtrl-C to power it off", flush=True
+            )
+            try:
+                signal.pause()
+            except KeyboardInterrupt:
+                pass
+            return {}
+        return measure(ct, args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--distro", action="append", choices=DISTROS, help="repeat for both (default: bookworm)"
+    )
+    parser.add_argument(
+        "--requests", type=int, default=200, help="timed round trips per target (default 200)"
+    )
+    parser.add_argument("--warmup", type=int, default=20, help="untimed round trips first (default 20)")
+    parser.add_argument(
+        "--pause", type=float, default=0.03, help="seconds between round trips (default 0.03)"
+    )
+    parser.add_argument("--clients", type=int, default=20)
+    parser.add_argument("--per-client", type=int, default=15)
+    parser.add_argument("--rounds", type=int, default=3, help="concurrency and streaming repeats (default 3)")
+    parser.add_argument(
+        "--stream-bytes", type=int, default=GIB, help="streaming job's output (default 1 GiB)"
+    )
+    parser.add_argument("--only", default="latency,concurrency,stream", help="comma-separated parts to run")
+    parser.add_argument("--json", type=Path, help="write the raw numbers here")
+    parser.add_argument("--runner", type=Path, help="install this runner/ directory instead (A/B runs)")
+    parser.add_argument(
+        "--shell", action="store_true", help="install, then keep the container up (profiling)"
+    )
+    parser.add_argument("--from-json", type=Path, help="only print the table of an earlier --json file")
+    args = parser.parse_args(argv)
+    args.only = set(args.only.split(","))
+    if args.from_json:
+        print_table(json.loads(args.from_json.read_text())["distros"])
+        return 0
+    if os.geteuid() != 0:
+        parser.error("must run as root (it boots a container)")
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    results: dict[str, Any] = {}
+    started = time.time()
+    for distro in args.distro or ["bookworm"]:
+        results[distro] = bench(distro, args)
+    if args.shell:
+        return 0
+    document = {
+        "command": shlex.join(["bench/run.py", *(argv if argv is not None else sys.argv[1:])]),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+        "host": {"cpus": os.cpu_count(), "kernel": os.uname().release},
+        "distros": results,
+    }
+    if args.json:
+        args.json.write_text(json.dumps(document, indent=1) + "\n")
+        log(f"raw numbers in {args.json}")
+    print_table(results)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
