@@ -87,7 +87,7 @@ def run(distro: str) -> None:
 
         demo.step("alice cannot read the key")
         demo.sh("cat /etc/credstore.encrypted/api-key", user="alice", expect=None)
-        demo.sh("ls /run/credentials/", user="alice", expect=None)
+        demo.sh("cat /var/lib/systemd/credential.secret", user="alice", expect=None)
         demo.sh(f"cd {PROJECT} && bin/hello", user="alice", expect=None)
         demo.sh("PYTHONPATH=/usr/local/lib/jobrunner python3 -m runner hello", user="alice", expect=78)
 
