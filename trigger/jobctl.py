@@ -542,9 +542,12 @@ class Session:
             run_id, log = self.accepted.get("run_id"), self.accepted.get("log")
             hint = f"run {run_id} was cancelled or is still running; its log: {log}"
         else:
-            # systemd closes the connection itself when it cannot start the run, most often because
-            # a stored credential is corrupt or expired (the unit fails with 243/CREDENTIALS).
-            hint = f"the run did not start; a stored credential may be corrupt or expired; {JOURNAL_HINT}"
+            # systemd closes the connection without a word when it cannot start the run: job.socket is
+            # at its connection limit, or a stored credential is corrupt or expired (243/CREDENTIALS).
+            hint = (
+                "the run did not start: the server may be at its connection limit (try again), "
+                f"or a stored credential may be corrupt or expired; {JOURNAL_HINT}"
+            )
         message = "the connection to the job runner was lost before the final event"
         return ClientError(message, hint, ExitCode.CONNECTION_LOST)
 
