@@ -102,13 +102,21 @@ def serve_operator(job_name: str) -> int:
 
 
 class RunResult(Value):
-    __slots__ = ("log_error", "outcome", "paths", "run_id")
+    __slots__ = ("limit_warnings", "log_error", "outcome", "paths", "run_id")
 
-    def __init__(self, run_id: str, paths: RunPaths, outcome: Outcome, log_error: OSError | None) -> None:
+    def __init__(
+        self,
+        run_id: str,
+        paths: RunPaths,
+        outcome: Outcome,
+        log_error: OSError | None,
+        limit_warnings: tuple[str, ...] = (),
+    ) -> None:
         self.run_id = run_id
         self.paths = paths
         self.outcome = outcome
         self.log_error = log_error  # the run log could not be written whole (e.g. the disk is full)
+        self.limit_warnings = limit_warnings  # TasksMax=/MemoryMax= reached (runner/limits.py)
 
 
 def run_job(config: Config, request: Request, peer: Peer, context: Context, channel: Channel) -> RunResult:
@@ -195,7 +203,7 @@ def _run(config: Config, run: Run, context: Context, channel: Channel) -> RunRes
         )
     finally:
         log.close()
-    return RunResult(run_id, paths, outcome, log.write_error)
+    return RunResult(run_id, paths, outcome, log.write_error, tuple(warned))
 
 
 def _check_arguments(job: Job, args: tuple[str, ...]) -> None:
@@ -283,7 +291,7 @@ def _exit_report(job: str, result: RunResult) -> ExitReport:
         output_dir=str(result.paths.output_dir),
         warnings=(
             *((f"the run log is incomplete: {result.log_error.strerror}",) if result.log_error else ()),
-            *limits.warnings(),
+            *result.limit_warnings,
         ),
     )
 
