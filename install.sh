@@ -22,6 +22,7 @@ SERVICE_DROPIN=/etc/systemd/system/job@.service.d/10-install.conf
 SYSUSERS=/etc/sysusers.d/jobrunner.conf
 TMPFILES=/etc/tmpfiles.d/jobrunner.conf
 CREDSTORE=/etc/credstore.encrypted
+CACHEDIR=/var/cache/jobrunner  # the parsed copy of $CONFIG (jobrunner-config.service)
 PYTHON=/usr/bin/python3
 APT_PACKAGES=(python3 python3-systemd python3-sdnotify)
 MIN_SYSTEMD=252
@@ -39,7 +40,8 @@ usage: sudo ./$PROG --project DIR [--group NAME] [--tasks-max N] [--memory-max S
        sudo ./$PROG --uninstall
 
 Install jobrunner: the code in $LIBDIR, the commands jobctl, jobrunner-trigger
-and jobrunner, the units job.socket and job@.service, the developer group, the
+and jobrunner, the units job.socket, job@.service and jobrunner-config.path
+(keeps a parsed copy of $CONFIG for connections), the developer group, the
 outputs and logs directories, and an example $CONFIG if there is none.
 Then check the units with systemd-analyze verify and start job.socket.
 Running it again is safe.
@@ -248,9 +250,13 @@ install_docs() {
     done
 }
 
+UNITS=(job.socket job@.service jobrunner-config.path jobrunner-config.service)
+
 install_units() {
-    put "$SRC/units/job.socket" "$UNITDIR/job.socket" 0644
-    put "$SRC/units/job@.service" "$UNITDIR/job@.service" 0644
+    local unit
+    for unit in "${UNITS[@]}"; do
+        put "$SRC/units/$unit" "$UNITDIR/$unit" 0644
+    done
 }
 
 install_group() {
@@ -336,7 +342,21 @@ EOF
             "every directory above them must be owned by root or by one and the same user"
 }
 
+# The directories python-systemd and sdnotify are in: job@.service runs python3 with -S (no `site`),
+# so they go on PYTHONPATH by name.
+python_deps_path() {
+    "$PYTHON" -P -c '
+import os, sdnotify, systemd
+print(":".join(dict.fromkeys(os.path.dirname(os.path.dirname(m.__file__)) for m in (systemd, sdnotify))))
+'
+}
+
 install_dropins() {
+    local deps
+    deps=$(python_deps_path) ||
+        die 69 "$PYTHON cannot import systemd and sdnotify" "install python3-systemd and python3-sdnotify"
+    [[ $deps =~ ^/[A-Za-z0-9._/@+:-]*$ ]] ||
+        die 69 "python-systemd or sdnotify is in a directory unit files cannot name: $deps" ""
     put_text "$SOCKET_DROPIN" 0644 <<EOF
 # Written by install.sh (--group $GROUP): run it again rather than editing this file.
 [Socket]
@@ -345,6 +365,8 @@ EOF
     put_text "$SERVICE_DROPIN" 0644 <<EOF
 # Written by install.sh: run it again rather than editing this file (add your own drop-ins beside it).
 [Service]
+# The runner's code, then where this machine's python3 has python-systemd and sdnotify (-S: no site).
+Environment=PYTHONPATH=$LIBDIR:$deps
 # The project, read-only (also under /home, which ProtectHome=tmpfs hides otherwise).
 BindReadOnlyPaths=$PROJECT
 # Where runs write: OUTPUTS/JOB/RUN_ID/ and LOGS/JOB/RUN_ID.log (see $CONFIG).
@@ -360,14 +382,15 @@ EOF
 # and may complain about units that are none of our business.
 verify_units() {
     local out ours
-    out=$(cd / && systemd-analyze verify job.socket job@verify.service 2>&1) || true
+    out=$(cd / && systemd-analyze verify job.socket job@verify.service jobrunner-config.path \
+        jobrunner-config.service 2>&1) || true
     ours=$(grep -E 'job\.socket|job@|jobrunner|/etc/systemd/system/job' <<<"$out" || true)
     if [ -n "$ours" ]; then
         printf '%s\n' "$ours" >&2
         die 78 "systemd-analyze verify reports problems in jobrunner's units (above)" \
             "fix the drop-ins in /etc/systemd/system/job@.service.d/ or job.socket.d/, then run $PROG again"
     fi
-    say "systemd-analyze verify: job.socket and job@.service are clean"
+    say "systemd-analyze verify: job.socket, job@.service and jobrunner-config.{path,service} are clean"
 }
 
 start_socket() {
@@ -383,6 +406,20 @@ start_socket() {
     else
         say "job.socket is running"
     fi
+}
+
+# The parsed copy of the configuration that connections use (runner/config_cache.py): refreshed now, and
+# by jobrunner-config.path whenever the file changes.
+start_config_watch() {
+    systemctl enable --now jobrunner-config.path --quiet
+    if changed "$UNITDIR/jobrunner-config.path"; then
+        systemctl restart jobrunner-config.path  # a running path unit keeps its old watch otherwise
+    fi
+    if ! systemctl start jobrunner-config.service; then
+        journalctl -u jobrunner-config.service -n 20 --no-pager -o cat >&2 || true
+        die 78 "jobrunner-config.service could not check $CONFIG (above)" "sudo jobrunner check"
+    fi
+    say "checked $CONFIG; jobrunner-config.path refreshes its parsed copy in $CACHEDIR on every change"
 }
 
 check_project_readable() {
@@ -404,12 +441,12 @@ summary() {
 $PROG: == done
   code        $LIBDIR (runner, trigger; byte-compiled)
   commands    $BINDIR/jobctl, $BINDIR/jobrunner-trigger, $SBINDIR/jobrunner
-  units       $UNITDIR/job.socket, job@.service
+  units       $UNITDIR/job.socket, job@.service, jobrunner-config.path, .service
   drop-ins    $SOCKET_DROPIN
               $SERVICE_DROPIN
   group       $GROUP ($SYSUSERS)
   directories $OUTPUTS, $LOGS (2770 root:$GROUP, $TMPFILES)
-  config      $CONFIG
+  config      $CONFIG (parsed copy in $CACHEDIR, refreshed by jobrunner-config.path)
   socket      /run/job.sock ($sock), job.socket enabled and running
 
 Next:
@@ -429,6 +466,9 @@ uninstall() {
     if systemctl list-unit-files job.socket >/dev/null 2>&1; then
         systemctl disable --now job.socket --quiet 2>/dev/null || true
     fi
+    if systemctl list-unit-files jobrunner-config.path >/dev/null 2>&1; then
+        systemctl disable --now jobrunner-config.path --quiet 2>/dev/null || true
+    fi
     systemctl stop 'job@*.service' 2>/dev/null || true
 
     # What the kept directories and group are, before the files that name them go.
@@ -441,8 +481,9 @@ uninstall() {
     step "removing files"
     local path removed=()
     for path in "$BINDIR/jobctl" "$BINDIR/jobrunner-trigger" "$SBINDIR/jobrunner" \
-        "$UNITDIR/job.socket" "$UNITDIR/job@.service" "$SOCKET_DROPIN" "$SERVICE_DROPIN" \
-        "$SYSUSERS" "$TMPFILES" "$LIBDIR" "$DOCDIR"; do
+        "$UNITDIR/job.socket" "$UNITDIR/job@.service" "$UNITDIR/jobrunner-config.path" \
+        "$UNITDIR/jobrunner-config.service" "$SOCKET_DROPIN" "$SERVICE_DROPIN" \
+        "$SYSUSERS" "$TMPFILES" "$LIBDIR" "$DOCDIR" "$CACHEDIR"; do
         if [ -e "$path" ] || [ -L "$path" ]; then
             rm -rf "$path"
             removed+=("$path")
@@ -452,7 +493,7 @@ uninstall() {
     rmdir --ignore-fail-on-non-empty /etc/systemd/system/job.socket.d /etc/systemd/system/job@.service.d \
         "$UNITDIR" 2>/dev/null || true
     systemctl daemon-reload
-    systemctl reset-failed 'job@*.service' job.socket 2>/dev/null || true
+    systemctl reset-failed 'job@*.service' job.socket jobrunner-config.service 2>/dev/null || true
 
     local creds=() dropins=()
     if [ -d "$CREDSTORE" ]; then
@@ -524,7 +565,8 @@ if ! [[ $PROJECT =~ $SAFE_PATH ]] || [ "$PROJECT" = / ]; then
     die 64 "--project: the path must consist of letters, digits and ._/@+- (it goes into unit files): $PROJECT" \
         "use a directory with a plain name, e.g. /srv/project"
 fi
-for file in runner/__main__.py trigger/__main__.py trigger/trigger_job.sh units/job.socket units/job@.service; do
+for file in runner/__main__.py trigger/__main__.py trigger/trigger_job.sh units/job.socket units/job@.service \
+    units/jobrunner-config.path units/jobrunner-config.service; do
     [ -f "$SRC/$file" ] || die 66 "$SRC/$file is missing: run $PROG from a complete jobrunner checkout" ""
 done
 
@@ -553,4 +595,6 @@ step "checking the units"
 verify_units
 step "job.socket"
 start_socket
+step "configuration watch"
+start_config_watch
 summary

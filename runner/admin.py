@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import NoReturn
 
 from runner import creds
-from runner.config import config_path, load_config
+from runner.config import check_config as check_and_cache
+from runner.config import config_path
 from runner.errors import RunnerError
 
 EX_USAGE = 64
@@ -165,8 +166,15 @@ def _add_no_reload(parser: _Parser) -> None:
 
 
 def check_config(args: argparse.Namespace) -> int:
-    config = load_config(args.config)
+    config, cache, cache_error = check_and_cache(args.config)
     print(f"{config.path}: ok, {len(config.jobs)} job(s); project {config.project}")
+    if cache_error:
+        _note(
+            f"could not refresh the parsed copy {cache}: {cache_error.strerror}; until "
+            "`sudo jobrunner check` does, each connection parses the file itself (slower, same result)"
+        )
+    elif cache:
+        print(f"  parsed copy for connections: {cache}")
     for job in config.jobs.values():
         extras = [f"credentials: {', '.join(job.credentials)}"] if job.credentials else []
         if job.allowed_groups:

@@ -1,5 +1,8 @@
 """Job configuration: `/etc/jobrunner/jobs.toml` read with tomllib into value objects (runner.value).
 
+Connections take tomllib's result from the parsed copy that `jobrunner check` keeps (runner.config_cache)
+when it matches the file, and parse the file themselves otherwise.
+
 Every mistake is reported as a ConfigError that names the file, the job and the key, with a hint.
 """
 
@@ -8,9 +11,9 @@ from __future__ import annotations
 import enum
 import os
 import re
-import tomllib
 from pathlib import Path
 
+from runner import config_cache
 from runner.errors import ConfigError
 from runner.value import Value
 
@@ -125,22 +128,61 @@ def config_path() -> Path:
 
 
 def load_config(path: Path | None = None) -> Config:
+    """The configuration, from the parsed copy that `jobrunner check` keeps (runner.config_cache) when it
+    matches the file byte for byte, else parsed with tomllib."""
     path = path or config_path()
+    source, st = _read(path)
+    cache = config_cache.cache_path(str(path), str(DEFAULT_CONFIG_PATH))
+    data = config_cache.lookup(cache, source, st.st_uid) if cache else None
+    return parse_config(_parse_toml(source, path) if data is None else data, path)
+
+
+def check_config(path: Path | None = None) -> tuple[Config, str | None, OSError | None]:
+    """Parse the file with tomllib (never from the copy), validate it, and refresh the parsed copy that
+    connections use. Returns the configuration, the copy's path (None: this file has none) and the error
+    that kept the copy from being written, if any (the file is valid all the same).
+
+    Raises ConfigError when the file is invalid; the old copy then stays, matching the old content only."""
+    path = path or config_path()
+    source, st = _read(path)
+    data = _parse_toml(source, path)
+    config = parse_config(data, path)
+    cache = config_cache.cache_path(str(path), str(DEFAULT_CONFIG_PATH))
+    if cache is None:
+        return config, None, None
+    try:
+        config_cache.store(cache, source, data, st.st_mode)
+    except OSError as e:
+        return config, cache, e
+    except ValueError:  # a TOML date in a value parse_config does not look at: marshal cannot store it
+        return config, None, None
+    return config, cache, None
+
+
+def _read(path: Path) -> tuple[bytes, os.stat_result]:
     try:
         with path.open("rb") as f:
-            data = tomllib.load(f)
+            return f.read(), os.fstat(f.fileno())
     except FileNotFoundError:
         raise ConfigError(
             f"{path}: no such file", "create it (see INSTALL.md), or run install.sh to get an example"
         ) from None
     except PermissionError:
         raise ConfigError(f"{path}: permission denied", "the runner must be able to read it") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a directory", "JOBRUNNER_CONFIG names the file, jobs.toml") from None
+
+
+def _parse_toml(source: bytes, path: Path) -> dict[str, Any]:
+    import tomllib  # only when there is no usable parsed copy: ~5 ms with typing and datetime
+
+    try:
+        return tomllib.loads(source.decode("utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         # tomllib's message already carries "(at line L, column C)".
         raise ConfigError(
             f"{path}: invalid TOML: {e}", "fix the syntax; see INSTALL.md for an example"
         ) from None
-    return parse_config(data, path)
 
 
 def parse_config(data: Mapping[str, Any], path: Path) -> Config:
