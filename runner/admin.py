@@ -5,12 +5,11 @@ from __future__ import annotations
 import argparse
 import sys
 from datetime import datetime
-from pathlib import Path
 from typing import NoReturn
 
 from runner import creds
 from runner.config import check_config as check_and_cache
-from runner.config import config_path
+from runner.config import clean_path, config_path
 from runner.errors import RunnerError
 
 EX_USAGE = 64
@@ -108,7 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(title="commands", required=True, metavar="COMMAND")
     check = commands.add_parser("check", help="validate jobs.toml and list its jobs")
-    check.add_argument("--config", type=Path, default=None, help="the file to check (default: %(default)s)")
+    check.add_argument(
+        "--config", type=clean_path, default=None, help="the file to check (default: %(default)s)"
+    )
     check.set_defaults(func=check_config, config=None)
     check.description = f"Validate the job configuration (default {config_path()}) and list its jobs."
     _add_creds(commands)

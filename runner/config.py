@@ -11,7 +11,6 @@ from __future__ import annotations
 import enum
 import os
 import re
-from pathlib import Path
 
 from runner import config_cache
 from runner.errors import ConfigError
@@ -22,7 +21,7 @@ if TYPE_CHECKING:
     from collections.abc import Mapping
     from typing import Any
 
-DEFAULT_CONFIG_PATH = Path("/etc/jobrunner/jobs.toml")
+DEFAULT_CONFIG_PATH = "/etc/jobrunner/jobs.toml"
 JOB_NAME_PATTERN = re.compile(r"[a-z][a-z0-9_-]{0,63}")
 CREDENTIAL_NAME_PATTERN = re.compile(r"[A-Za-z0-9_.-]{1,255}")
 ENV_NAME_PATTERN = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -65,7 +64,7 @@ class Job(Value):
         name: str,
         command: tuple[str, ...],
         description: str,
-        workdir: Path,
+        workdir: str,
         timeout_s: float,
         args_pattern: re.Pattern[str] | None,  # None: the job takes no arguments
         env: Mapping[str, str],  # values may still be "credential:NAME" references
@@ -93,10 +92,10 @@ class Config(Value):
 
     def __init__(  # noqa: PLR0917
         self,
-        path: Path,
-        project: Path,
-        outputs: Path,
-        logs: Path,
+        path: str,
+        project: str,
+        outputs: str,
+        logs: str,
         jobs: Mapping[str, Job],
         max_runs_per_user: int = DEFAULT_MAX_RUNS_PER_USER,  # runs one uid may have in flight at once
     ) -> None:
@@ -122,12 +121,25 @@ JOB_KEYS = (
 )
 
 
-def config_path() -> Path:
+def config_path() -> str:
     """The configuration file: `$JOBRUNNER_CONFIG` (tests, staging) or the system default."""
-    return Path(os.environ.get("JOBRUNNER_CONFIG") or DEFAULT_CONFIG_PATH)
+    return clean_path(os.environ.get("JOBRUNNER_CONFIG") or DEFAULT_CONFIG_PATH)
 
 
-def load_config(path: Path | None = None) -> Config:
+def clean_path(path: str) -> str:
+    """`path` without "." parts and repeated or trailing slashes, as pathlib writes it (pathlib itself
+    costs every connection ~2 ms of imports). ".." parts stay, as in pathlib: `link/..` is the parent of
+    where the link points, which os.path.normpath's dropping both would change."""
+    parts = [part for part in path.split("/") if part not in ("", ".")]
+    return ("/" if path.startswith("/") else "") + "/".join(parts) or "."
+
+
+def _join(directory: str, path: str) -> str:
+    """pathlib's `directory / path`: an absolute `path` as it is, a relative one under `directory`."""
+    return clean_path(os.path.join(directory, path))
+
+
+def load_config(path: str | None = None) -> Config:
     """The configuration, from the parsed copy that `jobrunner check` keeps (runner.config_cache) when it
     matches the file byte for byte, else parsed with tomllib."""
     path = path or config_path()
@@ -137,7 +149,7 @@ def load_config(path: Path | None = None) -> Config:
     return parse_config(_parse_toml(source, path) if data is None else data, path)
 
 
-def check_config(path: Path | None = None) -> tuple[Config, str | None, OSError | None]:
+def check_config(path: str | None = None) -> tuple[Config, str | None, OSError | None]:
     """Parse the file with tomllib (never from the copy), validate it, and refresh the parsed copy that
     connections use. Returns the configuration, the copy's path (None: this file has none) and the error
     that kept the copy from being written, if any (the file is valid all the same).
@@ -159,9 +171,9 @@ def check_config(path: Path | None = None) -> tuple[Config, str | None, OSError 
     return config, cache, None
 
 
-def _read(path: Path) -> tuple[bytes, os.stat_result]:
+def _read(path: str) -> tuple[bytes, os.stat_result]:
     try:
-        with path.open("rb") as f:
+        with open(path, "rb") as f:
             return f.read(), os.fstat(f.fileno())
     except FileNotFoundError:
         raise ConfigError(
@@ -173,7 +185,7 @@ def _read(path: Path) -> tuple[bytes, os.stat_result]:
         raise ConfigError(f"{path}: is a directory", "JOBRUNNER_CONFIG names the file, jobs.toml") from None
 
 
-def _parse_toml(source: bytes, path: Path) -> dict[str, Any]:
+def _parse_toml(source: bytes, path: str) -> dict[str, Any]:
     import tomllib  # only when there is no usable parsed copy: ~5 ms with typing and datetime
 
     try:
@@ -185,7 +197,7 @@ def _parse_toml(source: bytes, path: Path) -> dict[str, Any]:
         ) from None
 
 
-def parse_config(data: Mapping[str, Any], path: Path) -> Config:
+def parse_config(data: Mapping[str, Any], path: str) -> Config:
     unknown = set(data) - {"runner", "jobs"}
     if unknown:
         raise ConfigError(
@@ -213,26 +225,25 @@ def parse_config(data: Mapping[str, Any], path: Path) -> Config:
     )
 
 
-def _runner_path(runner: Mapping[str, Any], key: str, path: Path, project: Path | None) -> Path:
+def _runner_path(runner: Mapping[str, Any], key: str, path: str, project: str | None) -> str:
     where = f"{path}: [runner]"
     if key not in runner:
         if project is None:
             raise ConfigError(
                 f"{where}: missing key 'project'", 'set project = "/absolute/path/of/the/project"'
             )
-        return project / key  # the defaults are named like the keys: "outputs", "logs"
+        return _join(project, key)  # the defaults are named like the keys: "outputs", "logs"
     value = runner[key]
     if not isinstance(value, str) or not value:
         raise ConfigError(f"{where}: key '{key}' must be a non-empty string", "")
-    p = Path(value)
     if project is None:
-        if not p.is_absolute():
+        if not os.path.isabs(value):
             raise ConfigError(f"{where}: 'project' must be an absolute path, not {value!r}", "")
-        return p
-    return p if p.is_absolute() else project / p
+        return clean_path(value)
+    return _join(project, value)  # an absolute value as it is
 
 
-def _parse_job(name: str, table: Any, path: Path, project: Path) -> Job:
+def _parse_job(name: str, table: Any, path: str, project: str) -> Job:
     where = f"{path}: job '{name}'"
     if not JOB_NAME_PATTERN.fullmatch(name):
         raise ConfigError(f"{where}: invalid job name", "job names match [a-z][a-z0-9_-]{0,63}")
@@ -263,7 +274,7 @@ def _parse_job(name: str, table: Any, path: Path, project: Path) -> Job:
         name=name,
         command=(_resolve_program(command[0], project), *command[1:]),
         description=_string(table, "description", where, ""),
-        workdir=project / _string(table, "workdir", where, "."),
+        workdir=_join(project, _string(table, "workdir", where, ".")),
         timeout_s=_timeout(table, where),
         args_pattern=_args_pattern(table, where),
         env=env,
@@ -273,10 +284,10 @@ def _parse_job(name: str, table: Any, path: Path, project: Path) -> Job:
     )
 
 
-def _resolve_program(program: str, project: Path) -> str:
+def _resolve_program(program: str, project: str) -> str:
     # "bin/build" is the project's; "python3" is looked up in PATH; "/usr/bin/env" is as given.
     if "/" in program and not program.startswith("/"):
-        return str(project / program)
+        return _join(project, program)
     return program
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from pathlib import Path
 
 from runner.errors import CredentialError
 
@@ -19,12 +18,11 @@ from runner.errors import CredentialError
 UNAVAILABLE = b"jobrunner:credential-file-missing"
 
 
-def credentials_directory() -> Path | None:
-    value = os.environ.get("CREDENTIALS_DIRECTORY")
-    return Path(value) if value else None
+def credentials_directory() -> str | None:
+    return os.environ.get("CREDENTIALS_DIRECTORY") or None
 
 
-def load_credentials(directory: Path | None) -> dict[str, bytes]:
+def load_credentials(directory: str | None) -> dict[str, bytes]:
     """Every credential the unit loaded, by name (all of them are redacted, used by the job or not)."""
     if directory is None:
         return {}
@@ -71,7 +69,10 @@ def env_value(value: bytes) -> str:
 
 def _fallback_in_use(name: str) -> bool:
     directory = credentials_directory()
+    if directory is None:
+        return False
     try:
-        return directory is not None and (directory / name).read_bytes() == UNAVAILABLE
+        with open(os.path.join(directory, name), "rb") as f:
+            return f.read() == UNAVAILABLE
     except OSError:
         return False

@@ -22,7 +22,6 @@ from runner.value import Value
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (~2.5 ms on every connection)
 if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
-    from pathlib import Path
     from typing import Protocol
 
     from runner.redact import Redactor, StreamRedactor
@@ -113,7 +112,7 @@ def job_environment(
     return env
 
 
-def start(argv: Sequence[str], env: Mapping[str, str], workdir: Path) -> Process:
+def start(argv: Sequence[str], env: Mapping[str, str], workdir: str) -> Process:
     """Spawn the job; raise ConfigError when its program or workdir cannot be used."""
     program = _find_program(argv[0], env.get("PATH", JOB_PATH))
     out_r, out_w = os.pipe2(os.O_CLOEXEC)
@@ -140,11 +139,7 @@ def start(argv: Sequence[str], env: Mapping[str, str], workdir: Path) -> Process
     except OSError as e:
         for fd in (out_r, out_w, err_r, err_w):
             os.close(fd)
-        what = (
-            f"workdir {workdir}"
-            if e.filename == str(workdir) or isinstance(e, NotADirectoryError)
-            else argv[0]
-        )
+        what = f"workdir {workdir}" if e.filename == workdir or isinstance(e, NotADirectoryError) else argv[0]
         raise ConfigError(
             f"cannot start the job: {what}: {e.strerror}", "check command and workdir in jobs.toml"
         ) from None

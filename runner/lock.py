@@ -9,7 +9,6 @@ from __future__ import annotations
 import fcntl
 import os
 from collections.abc import Callable
-from pathlib import Path
 
 from runner.config import Concurrency
 from runner.errors import BusyError, InternalError
@@ -18,13 +17,13 @@ QUEUE_POLL_S = 0.2
 Waiter = Callable[[float], bool]
 
 
-def lock_directory(logs: Path) -> Path:
+def lock_directory(logs: str) -> str:
     """Where lock files live: the unit's RuntimeDirectory= (out of developers' reach), else by the logs."""
     runtime = os.environ.get("RUNTIME_DIRECTORY")
-    return Path(runtime.split(":")[0]) if runtime else logs / ".locks"
+    return runtime.split(":")[0] if runtime else os.path.join(logs, ".locks")
 
 
-def acquire(directory: Path, job: str, policy: Concurrency, wait: Waiter) -> int | None:
+def acquire(directory: str, job: str, policy: Concurrency, wait: Waiter) -> int | None:
     """Take the job's lock as the policy says; return the fd to keep for the run (None: no lock needed).
 
     `wait(seconds)` is called between attempts when queueing; it returns False when the caller went away.
@@ -32,8 +31,8 @@ def acquire(directory: Path, job: str, policy: Concurrency, wait: Waiter) -> int
     if not policy.needs_lock():
         return None
     try:
-        directory.mkdir(parents=True, exist_ok=True)
-        fd = os.open(directory / f"{job}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        os.makedirs(directory, exist_ok=True)
+        fd = os.open(os.path.join(directory, f"{job}.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     except OSError as e:
         raise InternalError(f"cannot open the lock for job '{job}': {e.strerror}: {e.filename}", "") from None
     while True:
@@ -51,18 +50,20 @@ def release(fd: int) -> None:
     os.close(fd)  # closing the only descriptor drops the flock
 
 
-def acquire_user_slot(directory: Path, uid: int, limit: int) -> int:
+def acquire_user_slot(directory: str, uid: int, limit: int) -> int:
     """Take one of the caller's `limit` run slots (a flock each); BusyError when all are taken.
 
     This is what keeps one user (or one runaway script) from taking every one of the socket's
     MaxConnections= and starving everyone else: queued runs hold their slot while they wait.
     """
     try:
-        directory.mkdir(parents=True, exist_ok=True)
+        os.makedirs(directory, exist_ok=True)
     except OSError as e:
         raise InternalError(f"cannot create the lock directory: {e.strerror}: {e.filename}", "") from None
     for slot in range(limit):
-        fd = os.open(directory / f"user-{uid}.{slot}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fd = os.open(
+            os.path.join(directory, f"user-{uid}.{slot}.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600
+        )
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             return fd

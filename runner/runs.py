@@ -11,7 +11,6 @@ from runner.value import Value
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing
 if TYPE_CHECKING:
-    from pathlib import Path
     from typing import BinaryIO
 
 
@@ -30,39 +29,39 @@ def iso_time(t: float) -> str:
 class RunPaths(Value):
     __slots__ = ("log", "output_dir")
 
-    def __init__(self, output_dir: Path, log: Path) -> None:
+    def __init__(self, output_dir: str, log: str) -> None:
         self.output_dir = output_dir
         self.log = log
 
 
-def create_run_paths(outputs: Path, logs: Path, job: str, run_id: str) -> RunPaths:
+def create_run_paths(outputs: str, logs: str, job: str, run_id: str) -> RunPaths:
     """Create `OUTPUTS/JOB/RUN_ID/` (and point `OUTPUTS/JOB/latest` at it); name `LOGS/JOB/RUN_ID.log`."""
-    job_outputs = outputs / job
-    output_dir = job_outputs / run_id
-    log = logs / job / f"{run_id}.log"
+    job_outputs = os.path.join(outputs, job)
+    output_dir = os.path.join(job_outputs, run_id)
+    log_dir = os.path.join(logs, job)
     try:
-        output_dir.mkdir(parents=True)
-        log.parent.mkdir(parents=True, exist_ok=True)
+        os.makedirs(output_dir)
+        os.makedirs(log_dir, exist_ok=True)
         _point_latest(job_outputs, run_id)
     except OSError as e:
         raise InternalError(
             f"cannot create the run's directories: {e.strerror}: {e.filename}",
             "check that the outputs and logs directories exist and are writable by the service",
         ) from None
-    return RunPaths(output_dir=output_dir, log=log)
+    return RunPaths(output_dir=output_dir, log=os.path.join(log_dir, f"{run_id}.log"))
 
 
-def _point_latest(job_outputs: Path, run_id: str) -> None:
+def _point_latest(job_outputs: str, run_id: str) -> None:
     # Build the new link beside the old one and rename it over: readers never see a missing `latest`.
-    tmp = job_outputs / f".latest-{run_id}"
+    tmp = os.path.join(job_outputs, f".latest-{run_id}")
     os.symlink(run_id, tmp)
-    os.replace(tmp, job_outputs / "latest")
+    os.replace(tmp, os.path.join(job_outputs, "latest"))
 
 
 class RunLog:
     """The run log: a header (who, when, what), the redacted transcript as it happens, a footer."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: str) -> None:
         try:
             # Unbuffered: whatever the job printed is on disk even if the runner is killed mid-run.
             self._file: BinaryIO = open(path, "xb", buffering=0)  # noqa: SIM115 - closed by close()

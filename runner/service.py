@@ -228,7 +228,7 @@ def _environment(job: Job, run_id: str, paths: RunPaths, context: Context) -> di
         "HOME": "/tmp",  # noqa: S108
         "JOB_NAME": job.name,
         "JOB_RUN_ID": run_id,
-        "JOB_OUTPUT_DIR": str(paths.output_dir),
+        "JOB_OUTPUT_DIR": paths.output_dir,
     }
     if "CREDENTIALS_DIRECTORY" in os.environ:
         base["CREDENTIALS_DIRECTORY"] = os.environ["CREDENTIALS_DIRECTORY"]
@@ -257,9 +257,7 @@ def _waiter(channel: Channel) -> lock.Waiter:
 
 def _send_accepted(channel: Channel, request: Request, job: Job, run_id: str, paths: RunPaths) -> None:
     if isinstance(channel, ClientChannel):
-        channel.send(
-            channel.reply.accepted(job.name, run_id, str(paths.output_dir), str(paths.log), request.detach)
-        )
+        channel.send(channel.reply.accepted(job.name, run_id, paths.output_dir, paths.log, request.detach))
         if request.detach:
             channel.streaming = False  # output goes to the run log only; the final event is still sent
 
@@ -287,8 +285,8 @@ def _exit_report(job: str, result: RunResult) -> ExitReport:
         timed_out=outcome.timed_out,
         cancelled=outcome.cancelled,
         duration_s=outcome.duration_s,
-        log=str(result.paths.log),
-        output_dir=str(result.paths.output_dir),
+        log=result.paths.log,
+        output_dir=result.paths.output_dir,
         warnings=(
             *((f"the run log is incomplete: {result.log_error.strerror}",) if result.log_error else ()),
             *result.limit_warnings,

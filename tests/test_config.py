@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import textwrap
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import pytest
 
-from runner.config import Concurrency, Config, config_path, load_config
+from runner.config import Concurrency, Config, clean_path, config_path, load_config
 from runner.errors import ConfigError
 
 # The keys a job table may have (INSTALL.md, docs): written out here, not imported from the module.
@@ -26,21 +26,21 @@ VALID_JOB_KEYS = (
 RESERVED_ENV = ("PATH", "LANG", "HOME", "CREDENTIALS_DIRECTORY", "JOB_NAME", "JOB_RUN_ID", "JOB_OUTPUT_DIR")
 
 
-def write_config(tmp_path: Path, body: str, *, project: Path | None = None) -> Path:
+def write_config(tmp_path: Path, body: str, *, project: Path | None = None) -> str:
     """A jobs.toml with a [runner] table for `project` (default tmp_path/project), then `body`."""
     project = project or tmp_path / "project"
     path = tmp_path / "jobs.toml"
     path.write_text(f'[runner]\nproject = "{project}"\n\n' + textwrap.dedent(body), encoding="utf-8")
-    return path
+    return str(path)
 
 
-def write_raw(tmp_path: Path, text: str) -> Path:
+def write_raw(tmp_path: Path, text: str) -> str:
     path = tmp_path / "jobs.toml"
     path.write_text(textwrap.dedent(text), encoding="utf-8")
-    return path
+    return str(path)
 
 
-def config_error(path: Path) -> ConfigError:
+def config_error(path: str) -> ConfigError:
     with pytest.raises(ConfigError) as info:
         load_config(path)
     return info.value
@@ -86,16 +86,16 @@ def test_full_config_parses_every_key_into_job_values(tmp_path: Path) -> None:
 
     assert isinstance(config, Config)
     assert config.path == path
-    assert config.project == project
-    assert config.outputs == Path("/srv/jobrunner/outputs")  # absolute: as given
-    assert config.logs == project / "var" / "logs"  # relative: under the project
+    assert config.project == str(project)
+    assert config.outputs == "/srv/jobrunner/outputs"  # absolute: as given
+    assert config.logs == f"{project}/var/logs"  # relative: under the project
     assert list(config.jobs) == ["build", "lint", "sys-info"]
 
     build = config.jobs["build"]
     assert build.name == "build"
     assert build.command == (f"{project}/bin/build", "--all", "two words")  # a project path
     assert build.description == "Build everything"
-    assert build.workdir == project / "src" / "app"
+    assert build.workdir == f"{project}/src/app"
     assert build.timeout_s == 90.0
     assert build.args_pattern is not None
     assert build.accepts_arguments()
@@ -109,7 +109,7 @@ def test_full_config_parses_every_key_into_job_values(tmp_path: Path) -> None:
     lint = config.jobs["lint"]
     assert lint.command == ("python3", "-m", "ruff", "check")  # a bare name is looked up in PATH later
     assert lint.description == ""
-    assert lint.workdir == project  # default: the project itself
+    assert lint.workdir == str(project)  # default: the project itself, without a "/."
     assert lint.timeout_s == 3600.0  # default: one hour
     assert lint.args_pattern is None
     assert not lint.accepts_arguments()
@@ -120,7 +120,7 @@ def test_full_config_parses_every_key_into_job_values(tmp_path: Path) -> None:
 
     info = config.jobs["sys-info"]
     assert info.command == ("/usr/bin/env", "true")  # absolute: as given
-    assert info.workdir == Path("/srv/elsewhere")
+    assert info.workdir == "/srv/elsewhere"
     assert info.timeout_s == 2.5
     assert info.args_pattern is None
     assert info.concurrency is Concurrency.PARALLEL
@@ -130,8 +130,8 @@ def test_outputs_and_logs_default_to_directories_in_the_project(tmp_path: Path) 
     project = tmp_path / "p"
     config = load_config(write_config(tmp_path, "", project=project))
 
-    assert config.outputs == project / "outputs"
-    assert config.logs == project / "logs"
+    assert config.outputs == f"{project}/outputs"
+    assert config.logs == f"{project}/logs"
     assert dict(config.jobs) == {}
 
 
@@ -139,7 +139,41 @@ def test_a_dot_slash_program_is_resolved_against_the_project(tmp_path: Path) -> 
     project = tmp_path / "p"
     path = write_config(tmp_path, '[jobs.a]\ncommand = ["./run.sh"]\n', project=project)
 
-    assert Path(load_config(path).jobs["a"].command[0]) == project / "run.sh"
+    assert load_config(path).jobs["a"].command[0] == f"{project}/run.sh"  # without the "./"
+
+
+def test_paths_lose_dot_parts_and_extra_slashes_but_keep_dot_dot(tmp_path: Path) -> None:
+    project = tmp_path / "p"
+    path = write_raw(
+        tmp_path,
+        f"""\
+        [runner]
+        project = "{project}//./"
+        outputs = "../shared//outputs/"
+        logs = "./var//logs/."
+
+        [jobs.a]
+        command = ["./bin/../run.sh", "./arg"]
+        workdir = "src/./app/"
+        """,
+    )
+
+    config = load_config(path)
+
+    assert config.project == str(project)
+    # ".." stays, as pathlib keeps it: with the project a symlink, "p/.." is not tmp_path.
+    assert config.outputs == f"{project}/../shared/outputs"
+    assert config.logs == f"{project}/var/logs"
+    assert config.jobs["a"].command == (f"{project}/bin/../run.sh", "./arg")  # arguments as given
+    assert config.jobs["a"].workdir == f"{project}/src/app"
+
+
+@pytest.mark.parametrize(
+    "path", ["/", "/a", "///a", "/a//b/./c/", "a/../b", "..", "./", "", ".", "a/./../.", "/./", "a//"]
+)
+def test_clean_path_writes_paths_as_pathlib_does(path: str) -> None:
+    # (pathlib also keeps a leading "//" as it is, which Linux reads as "/": clean_path makes it "/")
+    assert clean_path(path) == str(PurePosixPath(path))
 
 
 def test_only_parallel_runs_without_a_lock() -> None:
@@ -169,7 +203,13 @@ def test_without_jobrunner_config_the_system_file_is_used(
     else:
         monkeypatch.setenv("JOBRUNNER_CONFIG", value)
 
-    assert config_path() == Path("/etc/jobrunner/jobs.toml")
+    assert config_path() == "/etc/jobrunner/jobs.toml"
+
+
+def test_jobrunner_config_is_cleaned_like_every_configured_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("JOBRUNNER_CONFIG", "/etc/jobrunner//./jobs.toml")
+
+    assert config_path() == "/etc/jobrunner/jobs.toml"
 
 
 # ------------------------------------------------------------------------------- mistakes in a job
@@ -480,8 +520,9 @@ def test_invalid_toml_reports_the_file_and_the_line(tmp_path: Path) -> None:
 
 
 def test_a_file_that_is_not_utf8_is_invalid_toml(tmp_path: Path) -> None:
-    path = tmp_path / "jobs.toml"
-    path.write_bytes(b'[runner]\nproject = "/p\xff"\n')
+    path = str(tmp_path / "jobs.toml")
+    with open(path, "wb") as f:
+        f.write(b'[runner]\nproject = "/p\xff"\n')
 
     error = config_error(path)
 
@@ -490,7 +531,7 @@ def test_a_file_that_is_not_utf8_is_invalid_toml(tmp_path: Path) -> None:
 
 
 def test_missing_file(tmp_path: Path) -> None:
-    path = tmp_path / "nope" / "jobs.toml"
+    path = str(tmp_path / "nope" / "jobs.toml")
 
     error = config_error(path)
 

@@ -86,7 +86,7 @@ class ListLog:
 
 
 def sh(script: str, workdir: Path, env: Mapping[str, str] | None = None) -> Process:
-    return start(["/bin/sh", "-c", script], {"PATH": JOB_PATH, **(env or {})}, workdir)
+    return start(["/bin/sh", "-c", script], {"PATH": JOB_PATH, **(env or {})}, str(workdir))
 
 
 def finish(process: Process) -> tuple[bytes, bytes, int]:
@@ -224,7 +224,7 @@ def test_environment_is_exactly_what_was_given(workdir: Path, monkeypatch: pytes
         "EMPTY": "",
     }
 
-    out, _, status = finish(start(["/usr/bin/env", "-0"], env, workdir))
+    out, _, status = finish(start(["/usr/bin/env", "-0"], env, str(workdir)))
 
     assert os.waitstatus_to_exitcode(status) == 0
     seen = dict(entry.split("=", 1) for entry in out.decode().split("\0") if entry)
@@ -300,7 +300,9 @@ def test_sigpipe_ends_a_job_writing_to_a_closed_pipe(workdir: Path) -> None:
 
 
 def test_a_program_found_in_path(workdir: Path) -> None:
-    out, _, _ = finish(start(["sh", "-c", "echo found"], {"PATH": "/nonexistent:/usr/bin:/bin"}, workdir))
+    out, _, _ = finish(
+        start(["sh", "-c", "echo found"], {"PATH": "/nonexistent:/usr/bin:/bin"}, str(workdir))
+    )
 
     assert out == b"found\n"
 
@@ -309,7 +311,7 @@ def test_a_program_not_in_path(workdir: Path) -> None:
     name = f"no-such-program-{secrets.token_hex(4)}"
 
     with pytest.raises(ConfigError) as info:
-        start([name], {"PATH": "/usr/bin:/bin"}, workdir)
+        start([name], {"PATH": "/usr/bin:/bin"}, str(workdir))
 
     assert name in info.value.message
     assert "PATH" in info.value.message
@@ -328,7 +330,7 @@ def test_a_bad_program_is_a_config_error(workdir: Path, tmp_path: Path, kind: st
     before = open_fds()
 
     with pytest.raises(ConfigError) as info:
-        start([str(program)], {"PATH": JOB_PATH}, workdir)
+        start([str(program)], {"PATH": JOB_PATH}, str(workdir))
 
     assert str(program) in info.value.message
     assert "jobs.toml" in info.value.hint
@@ -346,7 +348,7 @@ def test_a_bad_workdir_is_a_config_error_naming_it(
     before = open_fds()
 
     with pytest.raises(ConfigError) as info:
-        start(["/bin/sh", "-c", "true"], {"PATH": JOB_PATH}, bad)
+        start(["/bin/sh", "-c", "true"], {"PATH": JOB_PATH}, str(bad))
 
     assert "workdir" in info.value.message
     assert str(bad) in info.value.message

@@ -93,7 +93,7 @@ def no_wait(seconds: float) -> bool:
 
 
 def test_reject_takes_a_free_lock_and_holds_it(tmp_path: Path) -> None:
-    fd = lock.acquire(tmp_path / "locks", "build", Concurrency.REJECT, no_wait)
+    fd = lock.acquire(str(tmp_path / "locks"), "build", Concurrency.REJECT, no_wait)
 
     assert fd is not None
     assert not free_for_others(tmp_path / "locks" / "build.lock")
@@ -106,7 +106,7 @@ def test_reject_while_another_process_holds_the_lock(tmp_path: Path, holders: li
     before = open_fds()
 
     with pytest.raises(BusyError) as info:
-        lock.acquire(tmp_path, "build", Concurrency.REJECT, no_wait)
+        lock.acquire(str(tmp_path), "build", Concurrency.REJECT, no_wait)
 
     assert "'build'" in info.value.message
     assert info.value.hint
@@ -118,7 +118,7 @@ def test_reject_while_another_process_holds_the_lock(tmp_path: Path, holders: li
 def test_other_jobs_do_not_share_the_lock(tmp_path: Path, holders: list[Holder]) -> None:
     hold(holders, tmp_path / "build.lock")
 
-    fd = lock.acquire(tmp_path, "lint", Concurrency.REJECT, no_wait)
+    fd = lock.acquire(str(tmp_path), "lint", Concurrency.REJECT, no_wait)
 
     assert fd is not None
     lock.release(fd)
@@ -128,14 +128,14 @@ def test_a_lock_held_by_a_process_that_died_is_free(tmp_path: Path, holders: lis
     holder = hold(holders, tmp_path / "build.lock")
     holder.kill()  # SIGKILL: no chance to unlock
 
-    fd = lock.acquire(tmp_path, "build", Concurrency.REJECT, no_wait)
+    fd = lock.acquire(str(tmp_path), "build", Concurrency.REJECT, no_wait)
 
     assert fd is not None
     lock.release(fd)
 
 
 def test_the_lock_descriptor_is_not_inherited_by_the_job(tmp_path: Path) -> None:
-    fd = lock.acquire(tmp_path, "build", Concurrency.REJECT, no_wait)
+    fd = lock.acquire(str(tmp_path), "build", Concurrency.REJECT, no_wait)
 
     assert fd is not None
     assert not os.get_inheritable(fd)  # a job's leftover child must not keep the job "busy"
@@ -146,7 +146,7 @@ def test_the_lock_descriptor_is_not_inherited_by_the_job(tmp_path: Path) -> None
 def test_the_lock_directory_is_created(tmp_path: Path) -> None:
     directory = tmp_path / "run" / "jobrunner"
 
-    fd = lock.acquire(directory, "build", Concurrency.QUEUE, no_wait)
+    fd = lock.acquire(str(directory), "build", Concurrency.QUEUE, no_wait)
 
     assert fd is not None
     assert (directory / "build.lock").is_file()
@@ -157,7 +157,7 @@ def test_an_unusable_lock_directory_is_an_internal_error(tmp_path: Path) -> None
     (tmp_path / "blocker").write_text("a file, not a directory")
 
     with pytest.raises(InternalError) as info:
-        lock.acquire(tmp_path / "blocker" / "locks", "build", Concurrency.REJECT, no_wait)
+        lock.acquire(str(tmp_path / "blocker" / "locks"), "build", Concurrency.REJECT, no_wait)
 
     assert "'build'" in info.value.message
 
@@ -175,7 +175,7 @@ def test_queue_waits_until_the_other_run_ends(tmp_path: Path, holders: list[Hold
             holder.release()  # the other run ends while we wait
         return True
 
-    fd = lock.acquire(tmp_path, "build", Concurrency.QUEUE, wait)
+    fd = lock.acquire(str(tmp_path), "build", Concurrency.QUEUE, wait)
 
     assert fd is not None
     assert len(waits) == 3
@@ -194,14 +194,14 @@ def test_queue_gives_up_when_the_caller_goes_away(tmp_path: Path, holders: list[
         return len(waits) < 2
 
     with pytest.raises(BusyError):
-        lock.acquire(tmp_path, "build", Concurrency.QUEUE, wait)
+        lock.acquire(str(tmp_path), "build", Concurrency.QUEUE, wait)
 
     assert len(waits) == 2
     assert open_fds() == before
 
 
 def test_queue_without_contention_does_not_wait(tmp_path: Path) -> None:
-    fd = lock.acquire(tmp_path, "build", Concurrency.QUEUE, no_wait)
+    fd = lock.acquire(str(tmp_path), "build", Concurrency.QUEUE, no_wait)
 
     assert fd is not None
     lock.release(fd)
@@ -213,8 +213,8 @@ def test_queue_without_contention_does_not_wait(tmp_path: Path) -> None:
 def test_parallel_needs_no_lock(tmp_path: Path, holders: list[Holder]) -> None:
     hold(holders, tmp_path / "held" / "build.lock")
 
-    assert lock.acquire(tmp_path / "held", "build", Concurrency.PARALLEL, no_wait) is None
-    assert lock.acquire(tmp_path / "unused", "build", Concurrency.PARALLEL, no_wait) is None
+    assert lock.acquire(str(tmp_path / "held"), "build", Concurrency.PARALLEL, no_wait) is None
+    assert lock.acquire(str(tmp_path / "unused"), "build", Concurrency.PARALLEL, no_wait) is None
     assert not (tmp_path / "unused").exists()
 
 
@@ -225,10 +225,10 @@ def test_lock_directory_is_the_units_runtime_directory(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     monkeypatch.setenv("RUNTIME_DIRECTORY", "/run/jobrunner")
-    assert lock.lock_directory(tmp_path / "logs") == Path("/run/jobrunner")
+    assert lock.lock_directory(str(tmp_path / "logs")) == "/run/jobrunner"
 
     monkeypatch.setenv("RUNTIME_DIRECTORY", "/run/jobrunner:/run/other")  # several: the first one
-    assert lock.lock_directory(tmp_path / "logs") == Path("/run/jobrunner")
+    assert lock.lock_directory(str(tmp_path / "logs")) == "/run/jobrunner"
 
 
 @pytest.mark.parametrize("value", [None, ""])
@@ -240,15 +240,15 @@ def test_lock_directory_without_a_runtime_directory(
     else:
         monkeypatch.setenv("RUNTIME_DIRECTORY", value)
 
-    assert lock.lock_directory(tmp_path / "logs") == tmp_path / "logs" / ".locks"
+    assert lock.lock_directory(str(tmp_path / "logs")) == f"{tmp_path}/logs/.locks"
 
 
 def test_user_slots_run_out_at_the_limit_and_come_back_when_released(tmp_path: Path) -> None:
-    held = [lock.acquire_user_slot(tmp_path, 1000, 2) for _ in range(2)]
+    held = [lock.acquire_user_slot(str(tmp_path), 1000, 2) for _ in range(2)]
     with pytest.raises(BusyError, match="2 runs in progress"):
-        lock.acquire_user_slot(tmp_path, 1000, 2)
-    other_user = lock.acquire_user_slot(tmp_path, 1001, 2)  # limits are per user
+        lock.acquire_user_slot(str(tmp_path), 1000, 2)
+    other_user = lock.acquire_user_slot(str(tmp_path), 1001, 2)  # limits are per user
     lock.release(held.pop())
-    again = lock.acquire_user_slot(tmp_path, 1000, 2)
+    again = lock.acquire_user_slot(str(tmp_path), 1000, 2)
     for fd in (*held, other_user, again):
         lock.release(fd)

@@ -256,19 +256,19 @@ def test_load_credentials_reads_every_file_in_the_directory(tmp_path: Path) -> N
     (tmp_path / "github.token").write_bytes(b)
     (tmp_path / "subdir").mkdir()
 
-    assert credentials.load_credentials(tmp_path) == {"openai": a, "github.token": b}
+    assert credentials.load_credentials(str(tmp_path)) == {"openai": a, "github.token": b}
 
 
 def test_load_credentials_without_a_directory(tmp_path: Path) -> None:
     assert credentials.load_credentials(None) == {}
-    assert credentials.load_credentials(tmp_path / "missing") == {}
+    assert credentials.load_credentials(str(tmp_path / "missing")) == {}
 
 
 def test_credentials_directory_comes_from_the_environment(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(tmp_path))
-    assert credentials.credentials_directory() == tmp_path
+    assert credentials.credentials_directory() == str(tmp_path)
 
     monkeypatch.delenv("CREDENTIALS_DIRECTORY")
     assert credentials.credentials_directory() is None

@@ -78,28 +78,28 @@ def test_create_run_paths_makes_the_directories_and_points_latest(tmp_path: Path
     outputs, logs = tmp_path / "outputs", tmp_path / "logs"
     run_id = new_run_id()
 
-    paths = create_run_paths(outputs, logs, "build", run_id)
+    paths = create_run_paths(str(outputs), str(logs), "build", run_id)
 
-    assert paths.output_dir == outputs / "build" / run_id
-    assert paths.output_dir.is_dir()
-    assert paths.log == logs / "build" / f"{run_id}.log"
-    assert paths.log.parent.is_dir()
-    assert not paths.log.exists()  # RunLog creates it
+    assert paths.output_dir == f"{outputs}/build/{run_id}"
+    assert os.path.isdir(paths.output_dir)
+    assert paths.log == f"{logs}/build/{run_id}.log"
+    assert (logs / "build").is_dir()
+    assert not os.path.exists(paths.log)  # RunLog creates it
     latest = outputs / "build" / "latest"
     assert latest.is_symlink()
     assert os.readlink(latest) == run_id  # relative: the tree can be moved or bind-mounted
-    assert latest.resolve() == paths.output_dir.resolve()
+    assert latest.resolve() == Path(paths.output_dir).resolve()
 
 
 def test_latest_follows_the_newest_run_and_leaves_nothing_behind(tmp_path: Path) -> None:
     outputs, logs = tmp_path / "outputs", tmp_path / "logs"
-    first = create_run_paths(outputs, logs, "build", "20260101T000000-000001-aaaa")
-    second = create_run_paths(outputs, logs, "build", "20260101T000000-000002-bbbb")
-    other = create_run_paths(outputs, logs, "lint", "20260101T000000-000003-cccc")
+    first = create_run_paths(str(outputs), str(logs), "build", "20260101T000000-000001-aaaa")
+    second = create_run_paths(str(outputs), str(logs), "build", "20260101T000000-000002-bbbb")
+    other = create_run_paths(str(outputs), str(logs), "lint", "20260101T000000-000003-cccc")
 
-    assert (outputs / "build" / "latest").resolve() == second.output_dir.resolve()
-    assert (outputs / "lint" / "latest").resolve() == other.output_dir.resolve()
-    assert first.output_dir.is_dir()
+    assert (outputs / "build" / "latest").resolve() == Path(second.output_dir).resolve()
+    assert (outputs / "lint" / "latest").resolve() == Path(other.output_dir).resolve()
+    assert os.path.isdir(first.output_dir)
     assert sorted(p.name for p in (outputs / "build").iterdir()) == [
         "20260101T000000-000001-aaaa",
         "20260101T000000-000002-bbbb",
@@ -109,7 +109,7 @@ def test_latest_follows_the_newest_run_and_leaves_nothing_behind(tmp_path: Path)
 
 def test_latest_is_never_missing_while_it_is_replaced(tmp_path: Path) -> None:
     outputs, logs = tmp_path / "outputs", tmp_path / "logs"
-    create_run_paths(outputs, logs, "build", new_run_id())
+    create_run_paths(str(outputs), str(logs), "build", new_run_id())
     latest = outputs / "build" / "latest"
     done = threading.Event()
     missing: list[int] = []
@@ -125,7 +125,7 @@ def test_latest_is_never_missing_while_it_is_replaced(tmp_path: Path) -> None:
     watcher.start()
     try:
         for i in range(300):
-            create_run_paths(outputs, logs, "build", f"20260101T000000-{i:06d}-abcd")
+            create_run_paths(str(outputs), str(logs), "build", f"20260101T000000-{i:06d}-abcd")
     finally:
         done.set()
         watcher.join()
@@ -136,13 +136,14 @@ def test_latest_is_never_missing_while_it_is_replaced(tmp_path: Path) -> None:
 
 def test_a_run_id_that_exists_already_is_never_reused(tmp_path: Path) -> None:
     outputs, logs = tmp_path / "outputs", tmp_path / "logs"
-    paths = create_run_paths(outputs, logs, "build", "20260101T000000-000001-aaaa")
-    (paths.output_dir / "result.txt").write_text("first run")
+    paths = create_run_paths(str(outputs), str(logs), "build", "20260101T000000-000001-aaaa")
+    result = Path(paths.output_dir) / "result.txt"
+    result.write_text("first run")
 
     with pytest.raises(InternalError):
-        create_run_paths(outputs, logs, "build", "20260101T000000-000001-aaaa")
+        create_run_paths(str(outputs), str(logs), "build", "20260101T000000-000001-aaaa")
 
-    assert (paths.output_dir / "result.txt").read_text() == "first run"
+    assert result.read_text() == "first run"
 
 
 def test_unwritable_outputs_is_an_internal_error_naming_the_path(tmp_path: Path) -> None:
@@ -150,7 +151,7 @@ def test_unwritable_outputs_is_an_internal_error_naming_the_path(tmp_path: Path)
     blocker.write_text("a file where a directory should be")
 
     with pytest.raises(InternalError) as info:
-        create_run_paths(blocker, tmp_path / "logs", "build", new_run_id())
+        create_run_paths(str(blocker), str(tmp_path / "logs"), "build", new_run_id())
 
     assert str(blocker) in info.value.message
     assert info.value.hint
@@ -161,7 +162,7 @@ def test_unwritable_outputs_is_an_internal_error_naming_the_path(tmp_path: Path)
 
 def test_run_log_header_transcript_and_footer(tmp_path: Path) -> None:
     path = tmp_path / "run.log"
-    log = RunLog(path)
+    log = RunLog(str(path))
     log.header({"job": "build", "run": "RID", "args": ["a b", "ü"], "detach": False})
     log.write(b"line one\n")
     log.write(b"\xff raw bytes, no newline")
@@ -187,7 +188,7 @@ def test_run_log_header_transcript_and_footer(tmp_path: Path) -> None:
 
 def test_run_log_footer_after_output_ending_in_a_newline(tmp_path: Path) -> None:
     path = tmp_path / "run.log"
-    log = RunLog(path)
+    log = RunLog(str(path))
     log.header({})
     log.write(b"done\n")
     log.footer({"exit_code": 3})
@@ -198,7 +199,7 @@ def test_run_log_footer_after_output_ending_in_a_newline(tmp_path: Path) -> None
 
 def test_run_log_is_on_disk_before_it_is_closed(tmp_path: Path) -> None:
     path = tmp_path / "run.log"
-    log = RunLog(path)
+    log = RunLog(str(path))
     log.header({"job": "x"})
     log.write(b"progress 1\n")
 
@@ -211,7 +212,7 @@ def test_run_log_never_overwrites(tmp_path: Path) -> None:
     path.write_bytes(b"an earlier run")
 
     with pytest.raises(InternalError) as info:
-        RunLog(path)
+        RunLog(str(path))
 
     assert str(path) in info.value.message
     assert path.read_bytes() == b"an earlier run"
@@ -239,7 +240,7 @@ class ShortWrites:
 
 def test_run_log_completes_short_writes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = tmp_path / "run.log"
-    log = RunLog(path)
+    log = RunLog(str(path))
     monkeypatch.setattr(log, "_file", ShortWrites(log._file, step=3))
     data = os.urandom(1000)
 
@@ -254,7 +255,7 @@ def test_a_full_disk_keeps_what_fit_and_records_the_error(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     path = tmp_path / "run.log"
-    log = RunLog(path)
+    log = RunLog(str(path))
     log.header({"job": "build"})
     header = path.read_bytes()
     monkeypatch.setattr(log, "_file", ShortWrites(log._file, step=7, budget=20))
@@ -271,7 +272,7 @@ def test_a_full_disk_keeps_what_fit_and_records_the_error(
 
 
 def test_dev_full_as_the_run_log(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    log = RunLog(tmp_path / "run.log")
+    log = RunLog(str(tmp_path / "run.log"))
     real = log._file
     full = open("/dev/full", "wb", buffering=0)  # noqa: SIM115 - closed by log.close()
     monkeypatch.setattr(log, "_file", full)
@@ -299,7 +300,7 @@ def test_iso_time(t: float) -> None:
 
 def test_header_values_are_rendered_as_json_unless_strings(tmp_path: Path) -> None:
     path = tmp_path / "run.log"
-    log = RunLog(path)
+    log = RunLog(str(path))
     log.header({"args": ["x\n# result: forged"], "n": 3, "s": "plain"})
     log.close()
 

@@ -55,12 +55,12 @@ def test_json_run_events_and_the_files_a_run_leaves(runner: Runner) -> None:
     assert evs[-1]["event"] == "exit" and evs[-1]["exit_code"] == 0
     run_id = str(evs[0]["run_id"])
     assert evs[-1]["run_id"] == run_id
+    assert evs[0]["output_dir"] == evs[-1]["output_dir"] == f"{runner.outputs}/hello/{run_id}"  # exactly
     output_dir = Path(str(evs[0]["output_dir"]))
-    assert output_dir == runner.outputs / "hello" / run_id
     assert (output_dir / "result.txt").read_text() == "result\n"
     assert os.readlink(runner.outputs / "hello" / "latest") == run_id
+    assert evs[0]["log"] == evs[-1]["log"] == f"{runner.logs}/hello/{run_id}.log"
     log = Path(str(evs[-1]["log"]))
-    assert log == runner.logs / "hello" / f"{run_id}.log"
     text = log.read_text()
     assert '# args: ["a", "b"]' in text and "# caller: uid=" in text and "# exit_code: 0" in text
     assert "hello from hello" in text
