@@ -46,11 +46,14 @@ INSTALLED_PATHS = (
     "/usr/local/sbin/jobrunner",
     "/usr/local/lib/systemd/system/job.socket",
     "/usr/local/lib/systemd/system/job@.service",
+    "/usr/local/lib/systemd/system/jobrunner-config.path",
+    "/usr/local/lib/systemd/system/jobrunner-config.service",
     "/etc/systemd/system/job.socket.d/10-install.conf",
     "/etc/systemd/system/job@.service.d/10-install.conf",
     "/etc/sysusers.d/jobrunner.conf",
     "/etc/tmpfiles.d/jobrunner.conf",
     "/usr/local/share/doc/jobrunner",
+    "/var/cache/jobrunner",  # the parsed copy of jobs.toml: derived, so removed by --uninstall
 )
 
 
@@ -308,7 +311,12 @@ def test_a_burst_of_connections_leaves_the_socket_working(installed: Installatio
 
 def test_units_verify_clean(installed: Installation) -> None:
     result = installed.container.run(
-        ["sh", "-c", "cd / && systemd-analyze verify job.socket job@x.service"], check=False
+        [
+            "sh",
+            "-c",
+            "cd / && systemd-analyze verify job.socket job@x.service jobrunner-config.path jobrunner-config.service",
+        ],
+        check=False,
     )
     assert (result.returncode, result.stdout, result.stderr) == (0, b"", b""), result.stderr.decode()
 

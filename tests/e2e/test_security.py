@@ -35,7 +35,7 @@ env = {{ API_KEY = "credential:{credential}" }}
 description = "Reports what the sandbox lets a job do"
 command = ["/bin/sh", "-c", '''
 for path in /etc/probe /usr/probe /var/tmp/probe /root/probe "$HOME/../probe" {project}/probe \\
-            /home/{developer}/probe "$JOB_OUTPUT_DIR/probe"; do
+            /home/{developer}/probe "$JOB_OUTPUT_DIR/probe" /var/cache/jobrunner/jobs.toml.marshal; do
     if touch "$path" 2>/dev/null; then echo "write-ok $path"; else echo "write-denied $path"; fi
 done
 echo "home: $(ls -A /home | tr '\\n' ' ')"
@@ -152,7 +152,9 @@ def test_a_job_writes_only_its_outputs_and_logs(secured: Installation) -> None:
     assert len(allowed) == 2, allowed
     assert "/outputs/sec-probe/" in allowed[0] and allowed[0].endswith("/probe")
     assert allowed[1] == "/var/tmp/probe"
-    assert len(report["write-denied"]) == 6, report["write-denied"]
+    # ... not the parsed copy of jobs.toml that connections trust (runner/config_cache.py), nor the rest.
+    assert "/var/cache/jobrunner/jobs.toml.marshal" in report["write-denied"]
+    assert len(report["write-denied"]) == 7, report["write-denied"]
     # ... and that /var/tmp is the run's own: the host's /var/tmp has no probe.
     assert secured.container.run(["test", "-e", "/var/tmp/probe"], check=False).returncode != 0
 
