@@ -13,9 +13,13 @@ Baselines:
                from `systemctl cat job@x.service`, drop-ins included), ExecStart a shell that reads one
                line and prints one line. What any per-connection sandboxed service pays.
   floor-bare   the same socket, a template with nothing but that shell: what the sandbox costs.
-  floor-python job@'s sandbox, `python3 -P -m` a module that reads the line and the key and replies:
-               the interpreter's own share, which no Python runner can go below.
-  python-start `python3 -P -c pass` as the developer: what any Python client (jobctl) pays first.
+  floor-python job@'s sandbox, `python3 -P -S -m` (started like the runner) a module that reads the
+               line and the key and replies: the interpreter's own share.
+  floor-contract the same, plus what issue 2's contract asks of any runner, done the cheapest way:
+               shlex-split the request, spawn /bin/true and wait, one STATUS= with sdnotify and one
+               journal entry (python-systemd) at start and at end. No Python runner can go below it.
+  python-start `python3 -I -S -c pass` as the developer: what any Python client pays first (jobctl is
+               installed as a `python3 -I -S` script).
   socat        socat (default 8 KiB buffer) moving the streaming job's bytes over a plain unix socket.
 
 The `sudo -u` alternative needs sudo, which the test rootfs lacks: the bench installs the host's cached
@@ -77,6 +81,29 @@ with open(os.environ["CREDENTIALS_DIRECTORY"] + "/api-key", "rb") as f:
     f.read()
 os.write(3, b"floor-ok\\n")
 """
+# The contract's unavoidable work, the cheapest way (the journal through python-systemd's C module, as
+# the runner does): what any Python implementation of job@.service pays on top of the interpreter.
+FLOOR_CONTRACT_SOURCE = """\
+import os
+import shlex
+import socket
+
+import sdnotify
+from systemd._journal import sendv
+
+words = shlex.split(os.read(3, 65536).decode())
+with open(os.environ["CREDENTIALS_DIRECTORY"] + "/api-key", "rb") as f:
+    f.read()
+notifier = sdnotify.SystemdNotifier()
+pid = os.posix_spawn("/bin/true", ["/bin/true"], {"PATH": "/usr/bin:/bin"})
+notifier.notify("STATUS=running")
+sendv("MESSAGE=floor-contract started", "JOB_NAME=noop")
+os.waitpid(pid, 0)
+os.write(3, b"floor-ok\\n")
+socket.socket(fileno=3).shutdown(socket.SHUT_WR)
+notifier.notify("STATUS=done")
+sendv("MESSAGE=floor-contract ended", "JOB_NAME=noop")
+"""
 
 JOBS_TOML = f"""\
 # Written by bench/run.py.
@@ -127,6 +154,8 @@ def install(ct: Container, runner_override: Path | None) -> None:
     run_install(ct, "--project", PROJECT, "--no-apt")
     ct.run(["usermod", "--append", "--groups", GROUP, DEVELOPER])
     ct.write_file("/etc/jobrunner/jobs.toml", JOBS_TOML)
+    # The parsed copy connections use (jobrunner-config.path would refresh it too, a moment later).
+    ct.run(["jobrunner", "check"])
     store_credential(ct, CREDENTIAL, "bench-" + secrets.token_hex(16))
 
 
@@ -141,22 +170,48 @@ def floor_units(ct: Container) -> None:
     service = unit_text(ct, "job@bench.service")
     lines = [line for line in service.splitlines() if not line.startswith("ExecStart=")]
     reply = f"ExecStart=/bin/sh -c '{FLOOR_REPLY}'"
-    python = [f"Environment=PYTHONPATH={FLOOR_PYTHON_DIR}", "ExecStart=/usr/bin/python3 -P -m benchfloor"]
+    # Started like the runner: its PYTHONPATH (python-systemd's directory, for -S) with ours in front.
+    runner_path = _runner_pythonpath(lines)
+
+    def python(module: str) -> list[str]:
+        return [
+            f"Environment=PYTHONPATH={FLOOR_PYTHON_DIR}:{runner_path}",
+            f"ExecStart=/usr/bin/python3 -P -S -m {module}",
+        ]
+
     units = {
         "floor@.service": "\n".join([*lines, "", "[Service]", reply, ""]),
-        "floor-python@.service": "\n".join([*lines, "", "[Service]", *python, ""]),
+        "floor-python@.service": "\n".join([*lines, "", "[Service]", *python("benchfloor"), ""]),
+        "floor-contract@.service": "\n".join([*lines, "", "[Service]", *python("benchcontract"), ""]),
         "floor-bare@.service": f"[Service]\n{reply}\n",
     }
     ct.write_file(f"{FLOOR_PYTHON_DIR}/benchfloor.py", FLOOR_PYTHON_SOURCE)
+    ct.write_file(f"{FLOOR_PYTHON_DIR}/benchcontract.py", FLOOR_CONTRACT_SOURCE)
     ct.run(["python3", "-m", "compileall", "-q", FLOOR_PYTHON_DIR])  # like install.sh does for the runner
-    for name in ("floor", "floor-python", "floor-bare"):
+    for name in FLOOR_SOCKETS:
         units[f"{name}.socket"] = socket_text.replace(
             "ListenStream=/run/job.sock", f"ListenStream=/run/{name}.sock"
         )
     for name, text in units.items():
         ct.write_file(f"/etc/systemd/system/{name}", text)
     ct.run(["systemctl", "daemon-reload"])
-    ct.run(["systemctl", "start", "floor.socket", "floor-python.socket", "floor-bare.socket"])
+    ct.run(["systemctl", "start", *(f"{name}.socket" for name in FLOOR_SOCKETS)])
+
+
+FLOOR_SOCKETS = ("floor", "floor-python", "floor-contract", "floor-bare")
+
+
+def _runner_pythonpath(unit_lines: list[str]) -> str:
+    """The last PYTHONPATH= job@.service sets (drop-ins come after the unit, and the last one wins)."""
+    found = ""
+    for line in unit_lines:
+        if line.startswith("Environment="):
+            for word in shlex.split(line.removeprefix("Environment=")):
+                if word.startswith("PYTHONPATH="):
+                    found = word.removeprefix("PYTHONPATH=")
+    if not found:
+        raise RuntimeError("job@.service sets no PYTHONPATH=")
+    return found
 
 
 def start_socat(ct: Container, size: int) -> str:
@@ -227,12 +282,16 @@ def exec_target(name: str, argv: list[str]) -> dict[str, Any]:
 
 FLOOR = socket_target("floor", "/run/floor.sock", "x\n", "floor-ok")
 FLOOR_PYTHON = socket_target("floor-python", "/run/floor-python.sock", "x\n", "floor-ok")
+FLOOR_CONTRACT = socket_target("floor-contract", "/run/floor-contract.sock", "run noop\n", "floor-ok")
 FLOOR_BARE = socket_target("floor-bare", "/run/floor-bare.sock", "x\n", "floor-ok")
 PRODUCT = socket_target("product-raw", "/run/job.sock", "run noop\n", "exited with 0")
+PRODUCT_JSON = socket_target(
+    "product-raw-json", "/run/job.sock", '{"op": "run", "job": "noop"}\n', '"exit_code":0'
+)
 FIRST = socket_target("first-byte", "/run/job.sock", "run first\n", "exited with 0")
 JOBCTL = exec_target("jobctl", ["jobctl", "run", "noop"])
 # What any Python client pays before its first line runs: the interpreter's start and exit.
-PYTHON_START = exec_target("python-start", ["python3", "-P", "-c", "pass"])
+PYTHON_START = exec_target("python-start", ["python3", "-I", "-S", "-c", "pass"])
 
 
 def measure(ct: Container, args: argparse.Namespace) -> dict[str, Any]:
@@ -249,7 +308,10 @@ def measure(ct: Container, args: argparse.Namespace) -> dict[str, Any]:
             if how == "sudo"
             else []
         )
-        targets = [FLOOR_BARE, FLOOR, FLOOR_PYTHON, PRODUCT, JOBCTL, PYTHON_START, FIRST, *alt]
+        targets = [
+            FLOOR_BARE, FLOOR, FLOOR_PYTHON, FLOOR_CONTRACT, PRODUCT, PRODUCT_JSON, JOBCTL, PYTHON_START,
+            FIRST, *alt,
+        ]  # fmt: skip
         log(f"latency: {n} rounds over {', '.join(t['name'] for t in targets)} (as {DEVELOPER})")
         spec = {"targets": targets, "requests": n, "warmup": warmup, "pause_s": pause}
         raw["latency"] = client(ct, "latency", spec, user=DEVELOPER, timeout=3600)
@@ -351,7 +413,7 @@ def noisy(values: list[float]) -> bool:
 Row = tuple[str, str, str, str, str]  # measure, value, ratio, baseline, target verdict
 
 
-def rows(raw: dict[str, Any]) -> list[Row]:  # noqa: PLR0915 - one table, read top to bottom
+def rows(raw: dict[str, Any]) -> list[Row]:  # noqa: PLR0912, PLR0915 - one table, read top to bottom
     out: list[Row] = []
     lat = raw.get("latency")
     if lat:
@@ -376,9 +438,12 @@ def rows(raw: dict[str, Any]) -> list[Row]:  # noqa: PLR0915 - one table, read t
         b50, b95 = pct(fl, 0.5), pct(fl, 0.95)
         out.append(latency_row("floor: job@'s sandbox + key, sh reply", fl, b50, b95, "itself"))
         out.append(latency_row("floor without sandbox (sh reply)", ms("floor-bare"), b50, b95, "floor"))
-        if "floor-python" in lat:  # the interpreter's own share, started the way the runner is
-            python = ms("floor-python")
-            out.append(latency_row("floor, python3 -P -m: reads line + key", python, b50, b95, "floor"))
+        for name, label in (  # the interpreter's own share, then with the contract's minimum
+            ("floor-python", "floor, python3 -P -S -m: reads line + key"),
+            ("floor-contract", "floor, python + the contract's minimum"),
+        ):
+            if name in lat:
+                out.append(latency_row(label, ms(name), b50, b95, "floor"))
         product = ms("product-raw")
         p50, p95 = pct(product, 0.5), pct(product, 0.95)
         verdict = _verdict(p50 / b50 <= 1.3 and p95 / b95 <= 1.5)
@@ -387,6 +452,9 @@ def rows(raw: dict[str, Any]) -> list[Row]:  # noqa: PLR0915 - one table, read t
                 "no-op job, raw socket (p50 / p95)", product, b50, b95, "floor", f"<=1.3/1.5 {verdict}"
             )
         )
+        if "product-raw-json" in lat:
+            json_raw = ms("product-raw-json")
+            out.append(latency_row("no-op job, raw socket, JSON request", json_raw, b50, b95, "floor"))
         jobctl = ms("jobctl")
         extra = pct(jobctl, 0.5) - p50
         out.append(
@@ -397,7 +465,7 @@ def rows(raw: dict[str, Any]) -> list[Row]:  # noqa: PLR0915 - one table, read t
         )  # fmt: skip
         if "python-start" in lat:
             start = ms("python-start")
-            out.append(latency_row("  of which: python3 -P -c pass", start, b50, b95, "floor"))
+            out.append(latency_row("  of which: python3 -I -S -c pass", start, b50, b95, "floor"))
         first = ms("first-byte", "ttfb")
         out.append(latency_row("time to first byte (job prints, sleeps)", first, b50, b95, "floor", ""))
         if "alt-sudo" in lat:
