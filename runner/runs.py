@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import os
+import shlex
 import time
 
 from runner.errors import InternalError
@@ -73,7 +73,7 @@ class RunLog:
 
     def header(self, fields: dict[str, object]) -> None:
         lines = ["# jobrunner run log (a log without a '# ---- end' section is a run that never finished)\n"]
-        lines += [f"# {key}: {_render(value)}\n" for key, value in fields.items()]
+        lines += [_field(key, value) for key, value in fields.items()]
         self._write_text([*lines, "# ---- output\n"])
 
     def write(self, data: bytes) -> None:
@@ -86,7 +86,7 @@ class RunLog:
 
     def footer(self, fields: dict[str, object]) -> None:
         lines = ["" if self._ends_with_newline else "\n", "# ---- end\n"]
-        self._write_text(lines + [f"# {key}: {_render(value)}\n" for key, value in fields.items()])
+        self._write_text(lines + [_field(key, value) for key, value in fields.items()])
 
     def _write_text(self, lines: list[str]) -> None:
         try:
@@ -98,8 +98,44 @@ class RunLog:
         self._file.close()
 
 
+def _field(key: str, value: object) -> str:
+    text = _render(value)
+    return f"# {key}: {text}\n" if text else f"# {key}:\n"
+
+
 def _render(value: object) -> str:
-    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+    """A header or footer value, for people: a string as it is; a list of strings (args, command, warnings)
+    quoted as a shell would take them back; true or false; a number in decimal. (Not json: a text request
+    does without importing it.)"""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list | tuple):
+        return " ".join(_shell_word(str(item)) for item in value)
+    return str(value)
+
+
+def _shell_word(word: str) -> str:
+    if word.isprintable():
+        return shlex.quote(word)  # shlex.join's quoting
+    # shlex.quote would keep a newline as it is, inside its quotes: an argument could then start a line of
+    # its own and forge a field ("x\n# result: ..."). Bash's $'...' form writes each such character as an
+    # escape, as `printf %q` does: the field stays on its line and still reads back as the same word.
+    return "$'" + "".join(_escape(char) for char in word) + "'"
+
+
+ESCAPES = {"\\": "\\\\", "'": "\\'", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escape(char: str) -> str:
+    if char in ESCAPES:
+        return ESCAPES[char]
+    if char.isprintable():
+        return char
+    code = ord(char)
+    # \xHH is a byte to bash: above ASCII, name the character (\uHHHH) so that it reads back as UTF-8.
+    return f"\\x{code:02x}" if code < 0x80 else f"\\u{code:04x}" if code <= 0xFFFF else f"\\U{code:08x}"
 
 
 def _write_all(file: BinaryIO, data: bytes) -> None:

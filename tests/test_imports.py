@@ -31,3 +31,26 @@ def test_the_connection_path_does_not_import_pathlib() -> None:
     imported = imported_by("import runner.__main__, runner.activation, runner.service")
     assert "runner.service" in imported
     assert not imported & {"pathlib", "fnmatch", "urllib", "urllib.parse", "ipaddress", "ntpath"}
+
+
+def test_a_text_request_does_not_import_json() -> None:
+    # `run NAME` over socat: parsed, answered and logged without json (~1 ms); a JSON request needs it.
+    text = imported_by(
+        """\
+        import os, tempfile
+        import runner.service
+        from runner import protocol, runs
+        request = protocol.parse_request(b"run x")
+        reply = protocol.Reply(protocol.guess_form(b"run x"))
+        reply.output("stdout", b"out")
+        reply.exit(protocol.ExitReport("x", "RID", 0, None, False, False, 0.5, "/l", "/o", ("w",)))
+        reply.error("busy", "message", "hint")
+        log = runs.RunLog(os.path.join(tempfile.mkdtemp(), "run.log"))
+        log.header({"args": list(request.args), "command": ["/bin/true"], "detach": request.detach})
+        log.footer({"exit_code": 0, "warnings": ["w"]})
+        log.close()
+        """
+    )
+    assert "runner.service" in text
+    assert "json" not in text
+    assert "json" in imported_by('from runner import protocol\nprotocol.parse_request(b\'{"op": "list"}\')')
