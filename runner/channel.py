@@ -29,6 +29,7 @@ class ClientChannel:
         self.streaming = True  # False once a detached run's client has its `accepted` event
         self.gone = False  # the client closed the connection (or it broke)
         self._half_closed = False  # the client shut down its sending side: that is not leaving
+        self._ended = False  # our sending side is shut down: the client has seen the end of the reply
         self._pending = memoryview(b"")
 
     # The supervisor's view ----------------------------------------------------------------------
@@ -80,11 +81,28 @@ class ClientChannel:
                 break
             self.on_ready(select.POLLOUT)
 
-    def close(self) -> None:
-        """End the reply, then read away what the client still sends before closing: closing a unix
-        socket with unread data makes the client's next read fail (ECONNRESET) and lose the reply."""
+    def send_final(self, data: bytes) -> None:
+        """Send the reply's final event (`exit`, `error`, `jobs`) and end the reply at once."""
+        self.send(data)
+        self.end()
+
+    def end(self) -> None:
+        """End the reply: the client reads EOF now, right after the final event, instead of waiting for
+        what the runner still does before close() (the journal entry, the unit's status). Idempotent."""
+        if self._ended:
+            return
+        self._ended = True
         try:
             self.conn.shutdown(_socket.SHUT_WR)
+        except OSError:
+            pass  # the client is gone already
+
+    def close(self) -> None:
+        """End the reply (unless end() did), then read away what the client still sends before closing:
+        closing a unix socket with unread data makes the client's next read fail (ECONNRESET) and lose
+        the reply."""
+        self.end()
+        try:
             self.conn.settimeout(DRAIN_ON_CLOSE_S)
             give_up_at = time.monotonic() + DRAIN_ON_CLOSE_S
             while time.monotonic() < give_up_at and self.conn.recv(1 << 16):

@@ -65,7 +65,7 @@ def serve_connection(conn: _socket.socket) -> int:
         config = load_config()
         channel = ClientChannel(conn, reply)
         if request.op == "list":
-            channel.send(reply.jobs(_visible_jobs(config, peer)))
+            channel.send_final(reply.jobs(_visible_jobs(config, peer)))
             return 0
         return run_job(config, request, peer, context, channel).outcome.exit_code
     except Exception as e:
@@ -73,7 +73,7 @@ def serve_connection(conn: _socket.socket) -> int:
         if channel is None:
             reply = Reply(guess_form(bytes(received)))
             channel = ClientChannel(conn, reply)
-        _report_error(error, context.redactor, channel.send, reply)
+        _report_error(error, context.redactor, channel.send_final, reply)  # EOF before the journal entry
         return error.exit_status
     finally:
         if channel is not None:
@@ -147,7 +147,8 @@ def run_job(config: Config, request: Request, peer: Peer, context: Context, chan
             if fd is not None:
                 lock.release(fd)
     if isinstance(channel, ClientChannel):
-        channel.send(channel.reply.exit(_exit_report(job.name, result)))
+        # The client has its answer: EOF now, not after the journal entry and status below.
+        channel.send_final(channel.reply.exit(_exit_report(job.name, result)))
     _log_end(job, peer, result)
     return result
 
