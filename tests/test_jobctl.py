@@ -671,7 +671,10 @@ def test_help_lists_every_exit_status(capsys: pytest.CaptureFixture[str]) -> Non
 
 
 def test_startup_does_not_import_what_it_does_not_need() -> None:
-    code = "import sys; before = set(sys.modules); import trigger.jobctl; print(*set(sys.modules) - before)"
+    code = (
+        "import sys; before = set(sys.modules); import trigger.jobctl as j; "
+        "j.parse_arguments(j.build_parser(), ['run', 'x']); print(*set(sys.modules) - before)"
+    )
     proc = subprocess.run(
         [sys.executable, "-S", "-c", code],
         cwd=REPO,
@@ -683,6 +686,126 @@ def test_startup_does_not_import_what_it_does_not_need() -> None:
     imported = set(proc.stdout.split())
     assert "trigger.jobctl" in imported
     assert not imported & {"base64", "grp", "traceback", "typing", "subprocess", "asyncio", "logging"}
+    # socket: _socket is enough; shutil: argparse's formatter imports it unless given a width.
+    assert not imported & {"socket", "selectors", "shutil", "contextlib"}
+
+
+def test_terminal_width_honours_columns(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COLUMNS", "123")
+    assert jobctl.terminal_width() == 123
+
+
+@pytest.mark.parametrize("columns", [None, "", "0", "-5", "wide"])
+def test_terminal_width_is_80_when_stdout_is_not_a_terminal(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, columns: str | None
+) -> None:
+    if columns is None:
+        monkeypatch.delenv("COLUMNS", raising=False)
+    else:
+        monkeypatch.setenv("COLUMNS", columns)
+    with open(tmp_path / "out", "w") as not_a_terminal:
+        monkeypatch.setattr(sys, "__stdout__", not_a_terminal)
+        assert jobctl.terminal_width() == 80
+    monkeypatch.setattr(sys, "__stdout__", not_a_terminal)  # closed: fileno() raises ValueError
+    assert jobctl.terminal_width() == 80
+    monkeypatch.setattr(sys, "__stdout__", None)  # pythonw, or stdout closed at start
+    assert jobctl.terminal_width() == 80
+
+
+def test_terminal_width_is_the_terminals(monkeypatch: pytest.MonkeyPatch) -> None:
+    import fcntl
+    import struct
+    import termios
+
+    monkeypatch.delenv("COLUMNS", raising=False)
+    primary, secondary = os.openpty()
+    try:
+        fcntl.ioctl(secondary, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 97, 0, 0))
+        with open(secondary, "w", closefd=False) as terminal:
+            monkeypatch.setattr(sys, "__stdout__", terminal)
+            assert jobctl.terminal_width() == 97
+            fcntl.ioctl(secondary, termios.TIOCSWINSZ, struct.pack("HHHH", 0, 0, 0, 0))
+            assert jobctl.terminal_width() == 80  # a terminal that does not know its size
+    finally:
+        os.close(primary)
+        os.close(secondary)
+
+
+@pytest.mark.parametrize(("columns", "width"), [("60", 58), ("120", 118)])
+def test_help_is_wrapped_to_the_terminal_width(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, columns: str, width: int
+) -> None:
+    monkeypatch.setenv("COLUMNS", columns)
+    assert jobctl.main(["run", "--help"]) == 0
+    text = capsys.readouterr().out
+    options = text[text.index("positional arguments:") : text.index("examples:")]  # not the raw texts
+    assert max(len(row) for row in options.splitlines()) <= width
+    # wrapped to the width: the start of --json's help fits on one line at 118 columns, not at 58
+    one_line = "--json         print the server's events exactly as received (JSON Lines)" in text
+    assert one_line == (width > 80)
+
+
+def clean_env() -> dict[str, str]:
+    """The environment without PYTHONUNBUFFERED and the like: stdout buffered as for a user."""
+    env = {name: value for name, value in os.environ.items() if not name.startswith("PYTHON")}
+    env.pop("JOBCTL_SOCKET", None)
+    return {**env, "PYTHONPATH": str(REPO)}
+
+
+def test_run_exits_with_mains_status_without_teardown_and_flushed() -> None:
+    code = (
+        "import atexit, sys; from trigger import jobctl; "
+        "atexit.register(lambda: sys.stderr.write('teardown\\n')); "
+        "jobctl.main = lambda: (sys.stdout.write('buffered, no newline'), sys.stderr.write('err'), 7)[-1]; "
+        "jobctl.run()"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], check=False, cwd=REPO, env=clean_env(), capture_output=True
+    )
+    assert (proc.returncode, proc.stdout, proc.stderr) == (7, b"buffered, no newline", b"err")
+
+
+def test_command_exits_with_the_jobs_status(sock: Path) -> None:
+    server = FakeServer(
+        sock, [line(ACCEPTED), output("stdout", b"out"), output("stderr", b"err"), exit_event(3)]
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "trigger", "run", "--socket", str(sock), "build"],
+        check=False,
+        cwd=REPO,
+        env=clean_env(),
+        capture_output=True,
+        timeout=20,
+    )
+    server.finish()
+    assert (proc.returncode, proc.stdout, proc.stderr) == (3, b"out", b"err")
+
+
+def test_help_is_flushed_and_its_write_errors_are_exit_statuses() -> None:
+    help_command = [sys.executable, "-m", "trigger", "--help"]
+    proc = subprocess.run(help_command, check=False, cwd=REPO, env=clean_env(), capture_output=True)
+    assert proc.returncode == 0
+    assert proc.stdout.startswith(b"usage: jobctl ")
+    assert proc.stdout.endswith(b"/run/job.sock)\n")
+    assert proc.stderr == b""
+    # stdout closed before the help is written: 141 and silence, as for a run (not Python's 120)
+    read, write = os.pipe()
+    os.close(read)
+    with subprocess.Popen(
+        help_command, cwd=REPO, env=clean_env(), stdout=write, stderr=subprocess.PIPE
+    ) as closed:
+        os.close(write)
+        assert closed.stderr is not None
+        assert (closed.wait(10), closed.stderr.read()) == (141, b"")
+    if os.path.exists("/dev/full"):
+        with open("/dev/full", "wb") as full:
+            proc = subprocess.run(
+                help_command, check=False, cwd=REPO, env=clean_env(), stdout=full, stderr=subprocess.PIPE
+            )
+        assert (proc.returncode, proc.stderr) == (
+            74,
+            b"jobctl: error: cannot write to stdout: No space left on device\n",
+        )
 
 
 # --- signals ------------------------------------------------------------------------------------------

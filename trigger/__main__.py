@@ -1,8 +1,6 @@
 """``python3 -m trigger``: the same as ``jobctl``."""
 
-import sys
-
-from trigger.jobctl import main
+from trigger.jobctl import run
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

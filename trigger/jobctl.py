@@ -1,18 +1,21 @@
 """jobctl: run a job on the jobrunner socket and stream its output.
 
 The wire format is docs/protocol.md (JSON requests, JSON Lines replies). This module uses the standard
-library only, and imports little: every developer invocation pays for it.
+library only, and imports little: every developer invocation pays for it. Modules that only errors,
+--help or non-UTF-8 output need are imported where they are used. The connection is a
+`_socket.socket`, the C type that `socket.socket` extends: it has every method jobctl uses, and the
+`socket` module's import (enum conversions of its constants, `selectors`) would cost every start ~2 ms.
+The `jobctl` command (`run()`) exits without the interpreter's teardown.
 """
 
 from __future__ import annotations  # annotations stay strings: typing is never imported at run time
 
+import _socket
 import argparse
-import contextlib  # already imported by argparse's dependencies
 import errno
 import json
 import os
 import signal
-import socket
 import sys
 from enum import IntEnum
 
@@ -144,6 +147,34 @@ def malformed(what: str, line: bytes = b"") -> ClientError:
 # --- command line ----------------------------------------------------------------------------------
 
 
+def terminal_width() -> int:
+    """shutil.get_terminal_size().columns, without importing shutil: $COLUMNS if it is a positive
+    number, else the width of the terminal on stdout, else 80."""
+    try:
+        columns = int(os.environ["COLUMNS"])
+    except (KeyError, ValueError):
+        columns = 0
+    if columns > 0:
+        return columns
+    try:
+        return os.get_terminal_size(sys.__stdout__.fileno()).columns or 80  # type: ignore[union-attr]
+    except (OSError, ValueError, AttributeError):  # not a terminal, closed, or no stdout at all
+        return 80
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """argparse's formatter with the width given: without one, its __init__ imports shutil for
+    shutil.get_terminal_size(), and argparse builds formatters in add_argument() too, so every start,
+    --help or not, would pay ~2 ms for shutil (and the bz2, lzma, zlib and fnmatch it imports)."""
+
+    def __init__(
+        self, prog: str, indent_increment: int = 2, max_help_position: int = 24, width: int | None = None
+    ) -> None:
+        if width is None:
+            width = terminal_width() - 2  # what argparse takes off the terminal's width
+        super().__init__(prog, indent_increment, max_help_position, width)
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """Usage errors exit 64 (EX_USAGE), not argparse's 2, and look like every other jobctl error."""
 
@@ -181,7 +212,7 @@ def add_common_options(parser: argparse.ArgumentParser, *, command: bool) -> Non
 
 
 def build_parser() -> ArgumentParser:
-    formatter = argparse.RawDescriptionHelpFormatter
+    formatter = HelpFormatter
     parser = ArgumentParser(
         prog="jobctl", description=DESCRIPTION, epilog=EPILOG, formatter_class=formatter, allow_abbrev=False
     )
@@ -285,8 +316,8 @@ def connect_error(path: str, exc: OSError) -> ClientError:
     return ClientError(f"cannot connect to {path}: {exc.strerror or exc}", START_HINT, ExitCode.UNAVAILABLE)
 
 
-def connect(path: str) -> socket.socket:
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+def connect(path: str) -> _socket.socket:
+    sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
     try:
         sock.connect(path)
     except OSError as exc:
@@ -298,13 +329,14 @@ def connect(path: str) -> socket.socket:
     return sock
 
 
-def send_request(sock: socket.socket, request: bytes) -> None:
-    # The server may have replied (an error) and closed before reading everything: read what it said.
-    with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+def send_request(sock: _socket.socket, request: bytes) -> None:
+    try:
         sock.sendall(request)
+    except (BrokenPipeError, ConnectionResetError):
+        pass  # the server may have replied (an error) and closed before reading everything: read it
 
 
-def read_lines(sock: socket.socket) -> Iterator[bytes]:
+def read_lines(sock: _socket.socket) -> Iterator[bytes]:
     """The reply's lines, each with its newline (the last one may lack it). Memory stays at one line
     plus one recv() buffer however long the reply is."""
     buffer = bytearray()
@@ -435,8 +467,10 @@ class Terminal:
 
     def say(self, text: str) -> None:
         """Our own messages: when stderr is gone there is nowhere left to complain."""
-        with contextlib.suppress(OutputClosed, ClientError):
+        try:
             self.write(self.stderr, text.encode("utf-8", "backslashreplace"))
+        except (OutputClosed, ClientError):
+            pass
 
     def report(self, error: ClientError) -> None:
         self.say(
@@ -456,7 +490,7 @@ class Session:
         self.term = term
         self.raw: bool = ns.json
         self.finals = ("exit", "error") if ns.command == "run" else ("jobs", "error")
-        self.sock: socket.socket | None = None
+        self.sock: _socket.socket | None = None
         self.accepted: dict[str, Any] = {}
 
     def run(self) -> int:
@@ -583,6 +617,20 @@ def silence_stdout() -> None:
         pass
 
 
+def flush_help(term: Terminal) -> int:
+    """argparse prints --help to sys.stdout, which buffers it when it is not a terminal: write it out
+    now, and fail like a run would (rather than in the interpreter's teardown, which run() skips)."""
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        silence_stdout()
+        return ExitCode.BROKEN_PIPE
+    except OSError as exc:
+        term.report(ClientError(f"cannot write to stdout: {exc.strerror or exc}", "", ExitCode.IOERR))
+        return ExitCode.IOERR
+    return ExitCode.OK
+
+
 def execute(ns: argparse.Namespace, term: Terminal) -> int:
     """Run the session and map every way it can end to an exit status: the only place that does."""
     session = Session(ns, term)
@@ -620,10 +668,24 @@ def main(argv: list[str] | None = None) -> int:
         term.report(exc)
         return exc.exit_code
     except SystemExit as exc:  # --help
-        return exc.code if isinstance(exc.code, int) else ExitCode.USAGE
+        return flush_help(term) or (exc.code if isinstance(exc.code, int) else ExitCode.USAGE)
     previous = catch_signals()
     try:
         return int(execute(ns, term))
     finally:
         for number, handler in previous.items():
             signal.signal(number, handler)
+
+
+def run() -> NoReturn:
+    """The `jobctl` command: main(), then exit without the interpreter's teardown, which frees every
+    module and object one by one (a few ms for memory the kernel reclaims at once anyway). Nothing of
+    jobctl's needs it: the connection is closed by then, nothing is registered with atexit, and our
+    output is flushed as it is written (--help by main()); this flushes whatever text is left."""
+    status = main()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass  # nobody to read it: main() has already turned its own write errors into its status
+    os._exit(status)
