@@ -233,8 +233,10 @@ install_commands() {
     put_text "$BINDIR/jobctl" 0755 <<EOF
 #!$PYTHON -IS
 # jobctl: run a jobrunner job (installed by jobrunner's install.sh; see jobctl --help)
+import gc
 import sys
 
+gc.disable()  # while importing: run() turns it back on
 sys.path.insert(0, "$LIBDIR")
 from trigger.jobctl import run
 

@@ -765,6 +765,19 @@ def test_run_exits_with_mains_status_without_teardown_and_flushed() -> None:
     assert (proc.returncode, proc.stdout, proc.stderr) == (7, b"buffered, no newline", b"err")
 
 
+def test_python_m_trigger_imports_without_collections_and_run_turns_the_collector_back_on() -> None:
+    code = (
+        "import gc, sys; import trigger.__main__; from trigger import jobctl; "
+        "sys.stdout.write(f'{gc.isenabled()} '); "
+        "jobctl.main = lambda: (sys.stdout.write(f'{gc.isenabled()}'), 0)[-1]; "
+        "jobctl.run()"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], check=False, cwd=REPO, env=clean_env(), capture_output=True
+    )
+    assert (proc.returncode, proc.stdout, proc.stderr) == (0, b"False True", b"")
+
+
 def test_command_exits_with_the_jobs_status(sock: Path) -> None:
     server = FakeServer(
         sock, [line(ACCEPTED), output("stdout", b"out"), output("stderr", b"err"), exit_event(3)]

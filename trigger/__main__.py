@@ -1,6 +1,10 @@
 """``python3 -m trigger``: the same as ``jobctl``."""
 
-from trigger.jobctl import run
+import gc
+
+gc.disable()  # while importing: run() turns it back on (see its docstring)
+
+from trigger.jobctl import run  # noqa: E402 - after gc.disable(), on purpose
 
 if __name__ == "__main__":
     run()
