@@ -174,3 +174,20 @@ def test_take_connection_as_systemd_passes_it() -> None:
     assert report["environ"] == []  # unset, so that the job cannot see them
     assert not [line for line in report["child"] if line.startswith("LISTEN_")]
     assert "FD3=closed" in report["child"]  # a process the runner starts does not get the connection
+
+
+def test_the_runner_imports_without_collections_and_serves_with_them() -> None:
+    """runner/__main__.py: the collector is off while the modules load (a connection's start-up), then
+    on again, with what was imported frozen, before main() looks at anything a client sent."""
+    code = (
+        "import gc, runner.__main__ as m; before = gc.isenabled(); m.main(['runner', '--help']); "
+        "print(before, gc.isenabled(), gc.get_freeze_count() > 1000, file=__import__('sys').stderr)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-P", "-S", "-c", code],
+        env={"PATH": os.environ["PATH"], "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert (result.returncode, result.stderr) == (0, "False True True\n")
