@@ -765,6 +765,18 @@ def test_run_exits_with_mains_status_without_teardown_and_flushed() -> None:
     assert (proc.returncode, proc.stdout, proc.stderr) == (7, b"buffered, no newline", b"err")
 
 
+def test_building_the_parser_looks_for_no_message_catalogs() -> None:
+    code = (
+        "import gettext; calls = []; find = gettext.find; "
+        "gettext.find = lambda *a, **k: calls.append(a) or find(*a, **k); "
+        "from trigger import jobctl; jobctl.parse_arguments(jobctl.build_parser(), ['run', 'x']); "
+        "print(len(calls))"
+    )
+    env = {**clean_env(), "LANGUAGE": "de:fr", "LANG": "de_DE.UTF-8"}
+    proc = subprocess.run([sys.executable, "-c", code], check=False, cwd=REPO, env=env, capture_output=True)
+    assert (proc.returncode, proc.stdout, proc.stderr) == (0, b"0\n", b"")
+
+
 def test_python_m_trigger_imports_without_collections_and_run_turns_the_collector_back_on() -> None:
     code = (
         "import gc, sys; import trigger.__main__; from trigger import jobctl; "

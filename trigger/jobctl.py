@@ -163,6 +163,13 @@ def terminal_width() -> int:
         return 80
 
 
+# argparse passes each of its messages through gettext, and gettext looks for a message catalog on disk
+# at every call (a few stat()s per language in $LANGUAGE/$LC_*/$LANG): building jobctl's parser makes
+# some twenty such calls, ~1-1.5 ms of every start. CPython ships no catalog for argparse and jobctl's
+# own messages are English, so argparse's are taken as they are.
+argparse._ = str  # type: ignore[attr-defined]
+
+
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """argparse's formatter with the width given: without one, its __init__ imports shutil for
     shutil.get_terminal_size(), and argparse builds formatters in add_argument() too, so every start,
