@@ -5,7 +5,8 @@ sits between the clock and what it times. Standard library only (the container h
 
     client.py latency SPEC_JSON     interleaved round trips (round-robin over the targets, so that a
                                     drift in the machine's speed hits every target alike)
-    client.py concurrent SPEC_JSON  N client threads x M requests against one target
+    client.py concurrent SPEC_JSON  N clients x M requests against one target, split over several
+                                    users (one process each; run it as root)
     client.py stream SPEC_JSON      one long reply: bytes, seconds, the runner's peak memory
 """
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import pwd
 import socket
 import sys
 import threading
@@ -100,33 +102,104 @@ def latency(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def concurrent(spec: dict[str, Any]) -> dict[str, Any]:
-    target, clients, per_client = spec["target"], spec["clients"], spec["requests_per_client"]
+    """`clients` clients, split evenly over `users` (one process per user, run as that user: systemd
+    counts MaxConnectionsPerSource= and the runner max_runs_per_user per user), each sending
+    `requests_per_client` requests one after the other. All are released at once; the wall time runs
+    from the release to the last reply. Runs as root, so that it can become each user."""
+    users, target = spec["users"], spec["target"]
+    per_user, requests = spec["clients"] // len(users), spec["requests_per_client"]
+    ready_r, ready_w = os.pipe()
+    go_r, go_w = os.pipe()
+    children = []
+    for user in users:
+        out_r, out_w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: become the user, start its clients on "go", report as JSON
+            status = 1
+            try:
+                for fd in (ready_r, go_w, out_r):
+                    os.close(fd)
+                _become(user)
+                result = _clients(target, per_user, requests, ready_w, go_r)
+                data = json.dumps(result).encode()
+                while data:
+                    data = data[os.write(out_w, data) :]
+                status = 0
+            finally:
+                os._exit(status)
+        os.close(out_w)
+        children.append((pid, out_r))
+    os.close(ready_w)
+    os.close(go_r)
+    for _ in users:
+        if not os.read(ready_r, 1):
+            raise RuntimeError("a client process died before it was ready")
+    began = time.perf_counter()
+    os.close(go_w)  # every child's read of go_r returns: go
     latencies: list[float] = []
     errors: list[str] = []
-    start = threading.Barrier(clients + 1)
+    error_count = 0
+    for pid, out_r in children:
+        chunks = []
+        while chunk := os.read(out_r, 1 << 16):  # read before waiting: a full pipe would block the child
+            chunks.append(chunk)
+        os.close(out_r)
+        _, status = os.waitpid(pid, 0)
+        if status != 0 or not chunks:
+            raise RuntimeError(f"a client process failed (wait status {status})")
+        result = json.loads(b"".join(chunks))
+        latencies += result["latencies"]
+        errors += result["errors"]
+        error_count += result["error_count"]
+    wall = time.perf_counter() - began
+    return {
+        "wall_s": wall,
+        "latencies": latencies,
+        "errors": errors[:20],
+        "error_count": error_count,
+        "requests": per_user * len(users) * requests,
+        "users": len(users),
+    }
+
+
+def _become(user: str) -> None:
+    entry = pwd.getpwnam(user)
+    os.initgroups(user, entry.pw_gid)
+    os.setgid(entry.pw_gid)
+    os.setuid(entry.pw_uid)
+
+
+def _clients(target: dict[str, Any], count: int, requests: int, ready_w: int, go_r: int) -> dict[str, Any]:
+    latencies: list[float] = []
+    errors: list[str] = []
+    error_count = 0
+    go = threading.Event()
     lock = threading.Lock()
 
     def client() -> None:
+        nonlocal error_count
         mine = []
-        start.wait()
-        for _ in range(per_client):
+        go.wait()
+        for _ in range(requests):
             try:
                 mine.append(one(target)[1])
             except Exception as e:  # counted, not fatal: the figure says how many failed
                 with lock:
-                    errors.append(str(e)[:200])
+                    error_count += 1
+                    if len(errors) < 20:
+                        errors.append(str(e)[:200])
         with lock:
             latencies.extend(mine)
 
-    threads = [threading.Thread(target=client) for _ in range(clients)]
+    threads = [threading.Thread(target=client) for _ in range(count)]
     for t in threads:
         t.start()
-    start.wait()
-    began = time.perf_counter()
+    os.write(ready_w, b"r")
+    os.read(go_r, 1)  # returns b"" when the parent closes its end
+    go.set()
     for t in threads:
         t.join()
-    wall = time.perf_counter() - began
-    return {"wall_s": wall, "latencies": latencies, "errors": errors, "requests": clients * per_client}
+    return {"latencies": latencies, "errors": errors, "error_count": error_count}
 
 
 def runner_processes() -> list[int]:
