@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shlex
 import time
 
 from runner.errors import InternalError
@@ -104,38 +103,17 @@ def _field(key: str, value: object) -> str:
 
 
 def _render(value: object) -> str:
-    """A header or footer value, for people: a string as it is; a list of strings (args, command, warnings)
-    quoted as a shell would take them back; true or false; a number in decimal. (Not json: a text request
-    does without importing it.)"""
+    """A header or footer value, for people: a string as it is; a list (args, command, warnings) as
+    Python writes it, ['--all', 'two words'], which escapes every character that is not printable, so a
+    newline in an argument cannot start a line and forge a field (ast.literal_eval reads it back); true or
+    false; a number in decimal. (Not json: a text request does without importing it.)"""
     if isinstance(value, str):
         return value
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, list | tuple):
-        return " ".join(_shell_word(str(item)) for item in value)
+        return repr([str(item) for item in value])
     return str(value)
-
-
-def _shell_word(word: str) -> str:
-    if word.isprintable():
-        return shlex.quote(word)  # shlex.join's quoting
-    # shlex.quote would keep a newline as it is, inside its quotes: an argument could then start a line of
-    # its own and forge a field ("x\n# result: ..."). Bash's $'...' form writes each such character as an
-    # escape, as `printf %q` does: the field stays on its line and still reads back as the same word.
-    return "$'" + "".join(_escape(char) for char in word) + "'"
-
-
-ESCAPES = {"\\": "\\\\", "'": "\\'", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
-
-
-def _escape(char: str) -> str:
-    if char in ESCAPES:
-        return ESCAPES[char]
-    if char.isprintable():
-        return char
-    code = ord(char)
-    # \xHH is a byte to bash: above ASCII, name the character (\uHHHH) so that it reads back as UTF-8.
-    return f"\\x{code:02x}" if code < 0x80 else f"\\u{code:04x}" if code <= 0xFFFF else f"\\U{code:08x}"
 
 
 def _write_all(file: BinaryIO, data: bytes) -> None:

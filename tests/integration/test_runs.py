@@ -62,7 +62,7 @@ def test_json_run_events_and_the_files_a_run_leaves(runner: Runner) -> None:
     assert evs[0]["log"] == evs[-1]["log"] == f"{runner.logs}/hello/{run_id}.log"
     log = Path(str(evs[-1]["log"]))
     text = log.read_text()
-    assert "\n# args: a b\n" in text and "# caller: uid=" in text and "# exit_code: 0" in text
+    assert "\n# args: ['a', 'b']\n" in text and "# caller: uid=" in text and "# exit_code: 0" in text
     assert "hello from hello" in text
 
 
