@@ -18,6 +18,8 @@ Baselines:
   floor-contract the same, plus what issue 2's contract asks of any runner, done the cheapest way:
                shlex-split the request, spawn /bin/true and wait, one STATUS= with sdnotify and one
                journal entry (python-systemd) at start and at end. No Python runner can go below it.
+  client-floor the least a standard-library client of the JSON protocol does (argparse, json, one
+               round trip), started like jobctl: what jobctl's own code adds is the difference.
   python-start `python3 -I -S -c pass` as the developer: what any Python client pays first (jobctl is
                installed as a `python3 -I -S` script).
   socat        socat (default 8 KiB buffer) moving the streaming job's bytes over a plain unix socket.
@@ -107,6 +109,33 @@ socket.socket(fileno=3).shutdown(socket.SHUT_WR)
 notifier.notify("STATUS=done")
 sendv("MESSAGE=floor-contract ended", "JOB_NAME=noop")
 """
+# The least a standard-library client of the JSON protocol does, started as jobctl is (python3 -I -S,
+# no garbage collection while importing): argparse for its command line, json for the events, then
+# one round trip. jobctl's share is what it adds to this.
+CLIENT_FLOOR_SOURCE = """\
+import gc
+
+gc.disable()
+import _socket
+import argparse
+import json
+import sys
+
+parser = argparse.ArgumentParser(prog="minclient")
+parser.add_argument("command")
+parser.add_argument("name")
+ns = parser.parse_args()
+sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+sock.connect("/run/job.sock")
+sock.sendall(json.dumps({"op": ns.command, "job": ns.name}).encode() + b"\\n")
+data = b""
+while chunk := sock.recv(1 << 20):
+    data += chunk
+for line in data.splitlines():
+    event = json.loads(line)
+sys.stdout.flush()
+sys.exit(event["exit_code"])
+"""
 
 JOBS_TOML = f"""\
 # Written by bench/run.py.
@@ -192,6 +221,7 @@ def floor_units(ct: Container) -> None:
     }
     ct.write_file(f"{FLOOR_PYTHON_DIR}/benchfloor.py", FLOOR_PYTHON_SOURCE)
     ct.write_file(f"{FLOOR_PYTHON_DIR}/benchcontract.py", FLOOR_CONTRACT_SOURCE)
+    ct.write_file(CLIENT_FLOOR_SCRIPT, CLIENT_FLOOR_SOURCE)
     ct.run(["python3", "-m", "compileall", "-q", FLOOR_PYTHON_DIR])  # like install.sh does for the runner
     for name in FLOOR_SOCKETS:
         units[f"{name}.socket"] = socket_text.replace(
@@ -295,6 +325,8 @@ PRODUCT_JSON = socket_target(
 )
 FIRST = socket_target("first-byte", "/run/job.sock", "run first\n", "exited with 0")
 JOBCTL = exec_target("jobctl", ["jobctl", "run", "noop"])
+CLIENT_FLOOR_SCRIPT = f"{FLOOR_PYTHON_DIR}/minclient.py"
+CLIENT_FLOOR = exec_target("client-floor", ["python3", "-I", "-S", CLIENT_FLOOR_SCRIPT, "run", "noop"])
 # What any Python client pays before its first line runs: the interpreter's start and exit.
 PYTHON_START = exec_target("python-start", ["python3", "-I", "-S", "-c", "pass"])
 
@@ -314,7 +346,8 @@ def measure(ct: Container, args: argparse.Namespace) -> dict[str, Any]:
             else []
         )
         targets = [
-            FLOOR_BARE, FLOOR, FLOOR_PYTHON, FLOOR_CONTRACT, PRODUCT, PRODUCT_JSON, JOBCTL, PYTHON_START,
+            FLOOR_BARE, FLOOR, FLOOR_PYTHON, FLOOR_CONTRACT, PRODUCT, PRODUCT_JSON, JOBCTL, CLIENT_FLOOR,
+            PYTHON_START,
             FIRST, *alt,
         ]  # fmt: skip
         log(f"latency: {n} rounds over {', '.join(t['name'] for t in targets)} (as {DEVELOPER})")
@@ -474,6 +507,11 @@ def rows(raw: dict[str, Any]) -> list[Row]:  # noqa: PLR0912, PLR0915 - one tabl
                 f"+{extra:.1f} ms over raw (<=15) {_verdict(extra <= 15)}",
             )
         )  # fmt: skip
+        if "client-floor" in lat:
+            least = ms("client-floor")
+            over = pct(least, 0.5) - p50
+            label = "  least stdlib client: argparse + json"
+            out.append(latency_row(label, least, b50, b95, "floor", f"+{over:.1f} ms over raw"))
         if "python-start" in lat:
             start = ms("python-start")
             out.append(latency_row("  of which: python3 -I -S -c pass", start, b50, b95, "floor"))
@@ -619,7 +657,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--clients", type=int, default=20)
     parser.add_argument("--per-client", type=int, default=15)
-    parser.add_argument("--rounds", type=int, default=3, help="concurrency and streaming repeats (default 3)")
+    parser.add_argument("--rounds", type=int, default=5, help="concurrency and streaming repeats (default 5)")
     parser.add_argument(
         "--stream-bytes", type=int, default=GIB, help="streaming job's output (default 1 GiB)"
     )
