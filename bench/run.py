@@ -18,8 +18,8 @@ Baselines:
   floor-contract the same, plus what issue 2's contract asks of any runner, done the cheapest way:
                shlex-split the request, spawn /bin/true and wait, one STATUS= with sdnotify and one
                journal entry (python-systemd) at start and at end. No Python runner can go below it.
-  client-floor the least a standard-library client of the JSON protocol does (argparse, json, one
-               round trip), started like jobctl: what jobctl's own code adds is the difference.
+  client-floor a plain standard-library client of the JSON protocol (argparse, json, one round trip),
+               started like jobctl but without its start-up work: what any such client pays.
   python-start `python3 -I -S -c pass` as the developer: what any Python client pays first (jobctl is
                installed as a `python3 -I -S` script).
   socat        socat (default 8 KiB buffer) moving the streaming job's bytes over a plain unix socket.
@@ -109,9 +109,9 @@ socket.socket(fileno=3).shutdown(socket.SHUT_WR)
 notifier.notify("STATUS=done")
 sendv("MESSAGE=floor-contract ended", "JOB_NAME=noop")
 """
-# The least a standard-library client of the JSON protocol does, started as jobctl is (python3 -I -S,
-# no garbage collection while importing): argparse for its command line, json for the events, then
-# one round trip. jobctl's share is what it adds to this.
+# A plain standard-library client of the JSON protocol, started as jobctl is (python3 -I -S, no garbage
+# collection while importing): argparse for its command line, json for the events, one round trip, and
+# none of jobctl's start-up work (no shutil or gettext through argparse). What any such client pays.
 CLIENT_FLOOR_SOURCE = """\
 import gc
 
@@ -510,7 +510,7 @@ def rows(raw: dict[str, Any]) -> list[Row]:  # noqa: PLR0912, PLR0915 - one tabl
         if "client-floor" in lat:
             least = ms("client-floor")
             over = pct(least, 0.5) - p50
-            label = "  least stdlib client: argparse + json"
+            label = "  plain stdlib client: argparse + json"
             out.append(latency_row(label, least, b50, b95, "floor", f"+{over:.1f} ms over raw"))
         if "python-start" in lat:
             start = ms("python-start")
