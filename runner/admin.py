@@ -10,7 +10,7 @@ from typing import NoReturn
 from runner import creds
 from runner.config import check_config as check_and_cache
 from runner.config import clean_path, config_path
-from runner.errors import RunnerError
+from runner.errors import ConfigError, RunnerError
 
 EX_USAGE = 64
 EX_INTERRUPTED = 130
@@ -110,6 +110,12 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument(
         "--config", type=clean_path, default=None, help="the file to check (default: %(default)s)"
     )
+    check.add_argument(
+        "--quiet",
+        action="store_true",
+        help="print nothing when the file is valid, and not what is wrong when it is not (for "
+        "jobrunner-config.service: the journal must not quote a file that may hold a pasted key)",
+    )
     check.set_defaults(func=check_config, config=None)
     check.description = f"Validate the job configuration (default {config_path()}) and list its jobs."
     _add_creds(commands)
@@ -167,14 +173,26 @@ def _add_no_reload(parser: _Parser) -> None:
 
 
 def check_config(args: argparse.Namespace) -> int:
-    config, cache, cache_error = check_and_cache(args.config)
-    print(f"{config.path}: ok, {len(config.jobs)} job(s); project {config.project}")
+    try:
+        config, cache, cache_error = check_and_cache(args.config)
+    except ConfigError:
+        if not args.quiet:
+            raise
+        # Not the error's message: it quotes the file (a key pasted into it by mistake, say), and this
+        # process has no credentials to redact it with, unlike the runner.
+        raise ConfigError(
+            f"{args.config or config_path()} is invalid (not saying how: that may quote the file)",
+            "run `sudo jobrunner check` to see it",
+        ) from None
     if cache_error:
         _note(
             f"could not refresh the parsed copy {cache}: {cache_error.strerror}; until "
             "`sudo jobrunner check` does, each connection parses the file itself (slower, same result)"
         )
-    elif cache:
+    if args.quiet:
+        return 0
+    print(f"{config.path}: ok, {len(config.jobs)} job(s); project {config.project}")
+    if cache and not cache_error:
         print(f"  parsed copy for connections: {cache}")
     for job in config.jobs.values():
         extras = [f"credentials: {', '.join(job.credentials)}"] if job.credentials else []

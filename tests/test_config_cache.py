@@ -202,9 +202,9 @@ def test_a_connection_with_a_matching_copy_does_not_import_tomllib(configured: t
 # --------------------------------------------------------------------------------------- jobrunner check
 
 
-def jobrunner_check(config: Path, cache: Path) -> subprocess.CompletedProcess[str]:
+def jobrunner_check(config: Path, cache: Path, *options: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "runner.admin", "check", "--config", str(config)],
+        [sys.executable, "-m", "runner.admin", "check", "--config", str(config), *options],
         env={**os.environ, "PYTHONPATH": str(REPO), config_cache.CACHE_ENV: str(cache)},
         capture_output=True,
         text=True,
@@ -227,3 +227,28 @@ def test_jobrunner_check_of_an_invalid_file_exits_78(configured: tuple[Path, Pat
     assert result.returncode == 78
     assert "invalid TOML" in result.stderr
     assert not cache.exists()
+
+
+def test_jobrunner_check_quiet_says_nothing_of_a_valid_file_but_refreshes_the_copy(
+    configured: tuple[Path, Path],
+) -> None:
+    config, cache = configured
+    result = jobrunner_check(config, cache, "--quiet")
+    assert (result.returncode, result.stdout, result.stderr) == (0, "", "")
+    assert config_cache.lookup(str(cache), SOURCE, os.getuid()) == PARSED
+
+
+def test_jobrunner_check_quiet_does_not_quote_an_invalid_file(configured: tuple[Path, Path]) -> None:
+    """jobrunner-config.service logs to the journal and holds no credential to redact with: a key pasted
+    into jobs.toml must not reach the journal through the error message."""
+    config, cache = configured
+    pasted = "sk-live-0123456789abcdef"
+    config.write_bytes(SOURCE + f'"{pasted}" = 1\n[jobs.x]\nworkdir = "{pasted}"\n'.encode())
+    loud = jobrunner_check(config, cache)
+    assert loud.returncode == 78
+    assert pasted in loud.stderr  # by hand, as root, the details (the case the quiet form exists for)
+    quiet = jobrunner_check(config, cache, "--quiet")
+    assert quiet.returncode == 78
+    assert f"{config} is invalid" in quiet.stderr
+    assert "sudo jobrunner check" in quiet.stderr
+    assert pasted not in quiet.stdout + quiet.stderr

@@ -122,7 +122,12 @@ def test_an_invalid_edit_fails_the_config_unit_and_connections_report_it(install
         time.sleep(0.1)
     assert state == b"failed"
     log = ct.run(["journalctl", "-u", "jobrunner-config.service", "-n", "20", "-o", "cat"]).stdout.decode()
-    assert "job 'broken': missing key 'command'" in log
+    # The unit says that the file is invalid, not how: that could quote a key pasted into the file.
+    assert f"{CONFIG} is invalid (not saying how" in log
+    assert "broken" not in log
+    by_hand = ct.run(["jobrunner", "check"], check=False)
+    assert by_hand.returncode == 78
+    assert b"job 'broken': missing key 'command'" in by_hand.stderr
     result = installed.jobctl("list")
     assert result.returncode == 78
     assert b"job 'broken': missing key 'command'" in result.stderr
