@@ -149,25 +149,34 @@ def load_config(path: str | None = None) -> Config:
     return parse_config(_parse_toml(source, path) if data is None else data, path)
 
 
+# An edit made while jobrunner-config.service is checking does not start it again (systemd merges the
+# path unit's request into the running start), so the check looks again when the file changed under it.
+CHECK_ATTEMPTS = 5
+
+
 def check_config(path: str | None = None) -> tuple[Config, str | None, OSError | None]:
     """Parse the file with tomllib (never from the copy), validate it, and refresh the parsed copy that
-    connections use. Returns the configuration, the copy's path (None: this file has none) and the error
-    that kept the copy from being written, if any (the file is valid all the same).
+    connections use; again if the file changed meanwhile. Returns the configuration, the copy's path
+    (None: this file has none) and the error that kept the copy from being written, if any (the file is
+    valid all the same).
 
     Raises ConfigError when the file is invalid; the old copy then stays, matching the old content only."""
     path = path or config_path()
-    source, st = _read(path)
-    data = _parse_toml(source, path)
-    config = parse_config(data, path)
-    cache = config_cache.cache_path(str(path), str(DEFAULT_CONFIG_PATH))
-    if cache is None:
-        return config, None, None
-    try:
-        config_cache.store(cache, source, data, st.st_mode)
-    except OSError as e:
-        return config, cache, e
-    except ValueError:  # a TOML date in a value parse_config does not look at: marshal cannot store it
-        return config, None, None
+    for _ in range(CHECK_ATTEMPTS):
+        source, st = _read(path)
+        data = _parse_toml(source, path)
+        config = parse_config(data, path)
+        cache = config_cache.cache_path(str(path), str(DEFAULT_CONFIG_PATH))
+        if cache is None:
+            return config, None, None
+        try:
+            config_cache.store(cache, source, data, st.st_mode)
+        except OSError as e:
+            return config, cache, e
+        except ValueError:  # a TOML date in a value parse_config does not look at: marshal cannot store it
+            return config, None, None
+        if _read(path)[0] == source:
+            break
     return config, cache, None
 
 

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -252,3 +253,22 @@ def test_jobrunner_check_quiet_does_not_quote_an_invalid_file(configured: tuple[
     assert f"{config} is invalid" in quiet.stderr
     assert "sudo jobrunner check" in quiet.stderr
     assert pasted not in quiet.stdout + quiet.stderr
+
+
+def test_an_edit_during_the_check_is_checked_too(
+    configured: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """systemd does not start jobrunner-config.service again for an edit made while it runs."""
+    config, cache = configured
+    real_store = config_cache.store
+    edits = [SOURCE + b'\n[jobs.added]\ncommand = ["/bin/true"]\n']
+
+    def store_then_edit(*args: Any) -> None:
+        real_store(*args)
+        if edits:
+            config.write_bytes(edits.pop())
+
+    monkeypatch.setattr(config_cache, "store", store_then_edit)
+    checked, _, _ = check_config(config)
+    assert sorted(checked.jobs) == ["added", "hello"]
+    assert config_cache.lookup(str(cache), config.read_bytes(), os.getuid()) is not None

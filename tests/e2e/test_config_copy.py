@@ -31,9 +31,18 @@ def copy_state(inst: Installation) -> str:
     return inst.container.run(["python3", "-c", COPY_MATCHES], check=False).stdout.decode().strip()
 
 
+def config_unit_state(inst: Installation) -> str:
+    show = ["systemctl", "show", "-P", "ActiveState", "jobrunner-config.service"]
+    return inst.container.run(show).stdout.decode().strip()
+
+
 def wait_for_matching_copy(inst: Installation, timeout: float = 15) -> str:
+    """Until the copy matches the file and jobrunner-config.service is done (an edit made while it runs
+    is merged into that run by systemd: the next step must not race it)."""
     deadline = time.monotonic() + timeout
-    while (state := copy_state(inst)) != "True 0 0o644" and time.monotonic() < deadline:
+    while (
+        (state := copy_state(inst)) != "True 0 0o644" or config_unit_state(inst) not in ("inactive", "failed")
+    ) and time.monotonic() < deadline:
         time.sleep(0.1)
     return state
 
