@@ -49,6 +49,9 @@ class ClientChannel:
             # Nothing is pending when the supervisor reads output (back-pressure): no copy to append.
             pending = bytes(self._pending) + framed if self._pending else framed
             self._pending = memoryview(pending)
+            # Send what the socket takes now, without waiting for the next poll: the client reads it
+            # while the supervisor writes the same bytes to the run log (two CPUs at work, not one).
+            self.on_ready(select.POLLOUT)
 
     def on_ready(self, revents: int) -> None:
         try:

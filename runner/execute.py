@@ -274,8 +274,10 @@ class Supervisor:
 
     def _emit(self, stream: str, data: bytes) -> None:
         if data:
-            self.log.write(data)
+            # The client first: the channel sends what the socket takes at once, and the client reads
+            # it while the run log is written.
             self.channel.output(stream, data)
+            self.log.write(data)
 
     def _on_exit(self) -> None:
         # The job is a zombie until reaped, so its pid (= its process group id) cannot have been reused:
