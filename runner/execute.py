@@ -255,8 +255,9 @@ class Supervisor:
                 self._on_output(fd)
             elif fd == client_fd:
                 self.channel.on_ready(revents)
-                if self.channel.gone and self.cancel_when_client_leaves:
-                    self._stop(StopReason.CANCELLED)
+        # The client may be found gone here or while its output was sent (_emit): either way, once.
+        if self.channel.gone and self.cancel_when_client_leaves:
+            self._stop(StopReason.CANCELLED)
 
     def _on_output(self, fd: int) -> None:
         name, redactor = self.streams[fd]

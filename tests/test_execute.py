@@ -514,6 +514,24 @@ def test_the_job_is_cancelled_when_the_client_goes_away(workdir: Path) -> None:
     assert b"finished" not in log.text()
 
 
+def test_the_job_is_cancelled_when_sending_its_output_finds_the_client_gone(workdir: Path) -> None:
+    """ClientChannel.output() sends at once and may find the client gone there, not in on_ready(); the
+    channel then has no descriptor left to poll, and the supervisor must cancel all the same."""
+
+    def gone_while_sending(channel: FakeChannel, data: bytes) -> None:
+        if b"started" in data:
+            channel.gone = True
+
+    channel = FakeChannel(gone_while_sending)  # no connection: nothing for poll() to report
+    outcome, _, log = supervise("echo started; sleep 30; echo finished", workdir, channel=channel)
+
+    assert outcome.cancelled
+    assert outcome.stop_reason is StopReason.CANCELLED
+    assert outcome.duration_s < 5
+    assert isinstance(log, ListLog)
+    assert b"finished" not in log.text()
+
+
 def test_a_detached_job_goes_on_when_the_client_goes_away(workdir: Path) -> None:
     def leave_once_started(channel: FakeChannel, data: bytes) -> None:
         if b"started" in data and channel.client is not None:
