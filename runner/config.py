@@ -144,7 +144,7 @@ def load_config(path: str | None = None) -> Config:
     matches the file byte for byte, else parsed with tomllib."""
     path = path or config_path()
     source, st = _read(path)
-    cache = config_cache.cache_path(str(path), str(DEFAULT_CONFIG_PATH))
+    cache = config_cache.cache_path(path, DEFAULT_CONFIG_PATH)
     data = config_cache.lookup(cache, source, st.st_uid) if cache else None
     return parse_config(_parse_toml(source, path) if data is None else data, path)
 
@@ -162,11 +162,11 @@ def check_config(path: str | None = None) -> tuple[Config, str | None, OSError |
 
     Raises ConfigError when the file is invalid; the old copy then stays, matching the old content only."""
     path = path or config_path()
+    cache = config_cache.cache_path(path, DEFAULT_CONFIG_PATH)
     for _ in range(CHECK_ATTEMPTS):
         source, st = _read(path)
         data = _parse_toml(source, path)
         config = parse_config(data, path)
-        cache = config_cache.cache_path(str(path), str(DEFAULT_CONFIG_PATH))
         if cache is None:
             return config, None, None
         try:
