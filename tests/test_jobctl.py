@@ -752,6 +752,13 @@ def clean_env() -> dict[str, str]:
     return {**env, "PYTHONPATH": str(REPO)}
 
 
+def python_c(code: str, **env: str) -> subprocess.CompletedProcess[bytes]:
+    """`python3 -c CODE` in the repository, with clean_env() plus `env`."""
+    return subprocess.run(
+        [sys.executable, "-c", code], check=False, cwd=REPO, env={**clean_env(), **env}, capture_output=True
+    )
+
+
 def test_run_exits_with_mains_status_without_teardown_and_flushed() -> None:
     code = (
         "import atexit, sys; from trigger import jobctl; "
@@ -759,9 +766,7 @@ def test_run_exits_with_mains_status_without_teardown_and_flushed() -> None:
         "jobctl.main = lambda: (sys.stdout.write('buffered, no newline'), sys.stderr.write('err'), 7)[-1]; "
         "jobctl.run()"
     )
-    proc = subprocess.run(
-        [sys.executable, "-c", code], check=False, cwd=REPO, env=clean_env(), capture_output=True
-    )
+    proc = python_c(code)
     assert (proc.returncode, proc.stdout, proc.stderr) == (7, b"buffered, no newline", b"err")
 
 
@@ -772,8 +777,7 @@ def test_building_the_parser_looks_for_no_message_catalogs() -> None:
         "from trigger import jobctl; jobctl.parse_arguments(jobctl.build_parser(), ['run', 'x']); "
         "print(len(calls))"
     )
-    env = {**clean_env(), "LANGUAGE": "de:fr", "LANG": "de_DE.UTF-8"}
-    proc = subprocess.run([sys.executable, "-c", code], check=False, cwd=REPO, env=env, capture_output=True)
+    proc = python_c(code, LANGUAGE="de:fr", LANG="de_DE.UTF-8")
     assert (proc.returncode, proc.stdout, proc.stderr) == (0, b"0\n", b"")
 
 
@@ -784,9 +788,7 @@ def test_python_m_trigger_imports_without_collections_and_run_turns_the_collecto
         "jobctl.main = lambda: (sys.stdout.write(f'{gc.isenabled()}'), 0)[-1]; "
         "jobctl.run()"
     )
-    proc = subprocess.run(
-        [sys.executable, "-c", code], check=False, cwd=REPO, env=clean_env(), capture_output=True
-    )
+    proc = python_c(code)
     assert (proc.returncode, proc.stdout, proc.stderr) == (0, b"False True", b"")
 
 
