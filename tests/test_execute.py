@@ -418,6 +418,14 @@ def test_killed_by_a_signal_is_128_plus_n(workdir: Path) -> None:
     assert outcome.describe() == "killed by SIGUSR1"
 
 
+def test_a_signal_without_a_name_is_described_by_its_number(workdir: Path) -> None:
+    number = signal.SIGRTMIN + 1  # real-time signals have no name of their own
+    outcome, _, _ = supervise(f"kill -{number} $$", workdir)
+
+    assert outcome.exit_code == 128 + number
+    assert outcome.describe() == f"killed by signal {number}"
+
+
 def test_timeout_stops_the_job_with_sigterm(workdir: Path) -> None:
     outcome, channel, _ = supervise("echo started; sleep 30", workdir, timeout_s=0.3)
 
