@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
-from runner.config import CREDENTIAL_NAME_PATTERN
+from runner.config import CREDENTIAL_NAME
 from runner.credentials import UNAVAILABLE
 from runner.errors import CredentialStoreError
 
@@ -98,7 +98,7 @@ def check_name(name: str) -> str:
     """A credential name valid for systemd (a file name and an fd name) and for jobs.toml."""
     if not name:
         raise CredentialStoreError("the credential name is empty", _NAME_HINT, exit_status=EX_USAGE)
-    if name in (".", "..") or not CREDENTIAL_NAME_PATTERN.fullmatch(name):
+    if name in (".", "..") or not CREDENTIAL_NAME.fullmatch(name):
         raise CredentialStoreError(f"invalid credential name {name!r}", _NAME_HINT, exit_status=EX_USAGE)
     if len(name) > MAX_NAME_LENGTH:
         raise CredentialStoreError(

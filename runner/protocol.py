@@ -12,7 +12,7 @@ import enum
 import shlex
 import time
 
-from runner.config import JOB_NAME_PATTERN
+from runner.config import JOB_NAME
 from runner.errors import ArgumentsError, RequestError, UnknownJobError
 from runner.value import Value
 
@@ -137,9 +137,9 @@ def _parse_json(text: str) -> Request:
 
 
 def _run_request(form: Form, job: str, args: list[str], *, detach: bool) -> Request:
-    if not JOB_NAME_PATTERN.fullmatch(job):
+    if not JOB_NAME.fullmatch(job):
         raise UnknownJobError(
-            f"no job named {_short(repr(job))}", "job names match [a-z][a-z0-9_-]{0,63}; try 'list'"
+            f"no job named {_short(repr(job))}", f"job names match {JOB_NAME.pattern}; try 'list'"
         )
     if len(args) > MAX_ARGUMENTS:
         raise ArgumentsError(f"too many arguments ({len(args)}; at most {MAX_ARGUMENTS})", "")

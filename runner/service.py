@@ -213,11 +213,11 @@ def _check_arguments(job: Job, args: tuple[str, ...]) -> None:
     if job.args_pattern is None:
         raise ArgumentsError(f"job '{job.name}' takes no arguments", "run it without arguments")
     for arg in args:
-        if "\0" in arg or not job.args_pattern.fullmatch(arg):
+        if "\0" in arg or not job.argument_matches(arg):
             shown = repr(arg) if len(repr(arg)) <= 80 else repr(arg)[:80] + "..."
             raise ArgumentsError(
                 f"argument {shown} is not accepted by job '{job.name}'",
-                f"every argument must match {job.args_pattern.pattern!r} in full",
+                f"every argument must match {job.args_pattern!r} in full",
             )
 
 

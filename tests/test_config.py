@@ -2,12 +2,26 @@
 
 from __future__ import annotations
 
+import re
 import textwrap
 from pathlib import Path, PurePosixPath
 
 import pytest
+from hypothesis import example, given
+from hypothesis import strategies as st
 
-from runner.config import Concurrency, Config, clean_path, config_path, load_config
+from runner.config import (
+    CREDENTIAL_NAME,
+    ENV_NAME,
+    JOB_NAME,
+    Concurrency,
+    Config,
+    NameRule,
+    clean_path,
+    config_path,
+    load_config,
+    parse_config,
+)
 from runner.errors import ConfigError
 
 # The keys a job table may have (INSTALL.md, docs): written out here, not imported from the module.
@@ -97,10 +111,11 @@ def test_full_config_parses_every_key_into_job_values(tmp_path: Path) -> None:
     assert build.description == "Build everything"
     assert build.workdir == f"{project}/src/app"
     assert build.timeout_s == 90.0
-    assert build.args_pattern is not None
+    assert build.args_pattern == "[A-Za-z0-9_.-]+"
     assert build.accepts_arguments()
-    assert build.args_pattern.fullmatch("release-1.2_x")
-    assert not build.args_pattern.fullmatch("no spaces")
+    assert build.argument_matches("release-1.2_x")
+    assert not build.argument_matches("no spaces")
+    assert not build.argument_matches("release\n")  # in full: no "$" that lets a newline through
     assert dict(build.env) == {"MODE": "fast", "OPENAI_API_KEY": "credential:openai"}
     assert build.credentials == ("openai", "github.token")
     assert build.allowed_groups == ("developers", "ops")
@@ -299,6 +314,20 @@ def test_bad_regular_expression_says_so(tmp_path: Path) -> None:
     assert "regular expression" in error.message
 
 
+def test_args_patterns_of_a_checked_copy_are_compiled_when_an_argument_is_matched(tmp_path: Path) -> None:
+    data = {"runner": {"project": str(tmp_path)}, "jobs": {"build": {"command": ["b"], "args": "[a-z"}}}
+    with pytest.raises(ConfigError):
+        parse_config(data, "jobs.toml")  # by default, every pattern is compiled while loading
+
+    build = parse_config(data, "jobs.toml", compile_patterns=False).jobs["build"]  # not compiled yet
+
+    with pytest.raises(ConfigError) as info:
+        build.argument_matches("x")
+    assert "job 'build'" in info.value.message
+    assert "regular expression" in info.value.message
+    assert "jobrunner check" in info.value.hint
+
+
 def test_wrong_type_for_args_hints_at_false_or_a_pattern(tmp_path: Path) -> None:
     path = write_config(tmp_path, '[jobs.build]\ncommand = ["bin/build"]\nargs = true\n')
 
@@ -402,6 +431,23 @@ def test_invalid_job_name_names_the_file_and_the_job(tmp_path: Path, name: str) 
     assert f"job '{name}'" in error.message
     assert "invalid job name" in error.message
     assert "[a-z]" in error.hint
+
+
+# Names are checked with set operations, not regular expressions (NameRule): each rule must accept
+# exactly what its documented pattern matches in full.
+NAME_CHARACTERS = st.text(st.sampled_from("aAzZ09_-.\n \u0435\uff42/") | st.characters(), max_size=300)
+
+
+@pytest.mark.parametrize("rule", [JOB_NAME, CREDENTIAL_NAME, ENV_NAME], ids=lambda rule: rule.pattern)
+@given(text=NAME_CHARACTERS)
+@example(text="")
+@example(text="a" * 64)
+@example(text="a" * 65)
+@example(text="a" * 255)
+@example(text="a" * 256)
+@example(text="ok\n")
+def test_name_rules_accept_what_their_pattern_matches_in_full(rule: NameRule, text: str) -> None:
+    assert rule.fullmatch(text) == (re.fullmatch(rule.pattern, text) is not None)
 
 
 def test_longest_valid_job_name_is_accepted(tmp_path: Path) -> None:
