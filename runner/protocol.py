@@ -40,8 +40,15 @@ class Request(Value):
         self.detach = detach
 
 
+class NoRequest(Exception):
+    """The client closed the connection before sending a single byte: it asked nothing, and nothing is
+    answered. A probe does that, and so does jobctl, which connects before it knows its request (to let
+    the runner start meanwhile, trigger/preconnect.py) and may then have none (--help, a usage error)."""
+
+
 def read_request_line(conn: _socket.socket, data: bytearray, deadline_s: float = REQUEST_DEADLINE_S) -> bytes:
-    """Read up to the first newline, within the deadline and the size limit; raise RequestError otherwise.
+    """Read up to the first newline, within the deadline and the size limit; raise RequestError otherwise,
+    and NoRequest when the connection ends before its first byte.
 
     `data` collects what arrived, so that a caller can still tell a JSON client from a text one when the
     request fails to arrive whole.
@@ -61,6 +68,8 @@ def read_request_line(conn: _socket.socket, data: bytearray, deadline_s: float =
         except ConnectionError:
             raise RequestError("the client closed the connection before sending a request", "") from None
         if not chunk:
+            if not data:
+                raise NoRequest
             break  # the client half-closed: what it sent is the request, newline or not
         data += chunk
         if len(data) > MAX_REQUEST_BYTES and b"\n" not in data[:MAX_REQUEST_BYTES]:

@@ -15,7 +15,15 @@ from runner.channel import ClientChannel, ConsoleChannel
 from runner.config import load_config
 from runner.errors import ArgumentsError, InternalError, RunnerError, UnknownJobError
 from runner.peer import check_allowed, operator_peer, read_peer, user_name
-from runner.protocol import ExitReport, Form, Reply, guess_form, parse_request, read_request_line
+from runner.protocol import (
+    ExitReport,
+    Form,
+    NoRequest,
+    Reply,
+    guess_form,
+    parse_request,
+    read_request_line,
+)
 from runner.redact import Redactor, encoded_forms
 from runner.runs import RunLog, create_run_paths, iso_time, new_run_id
 from runner.value import Value
@@ -68,6 +76,9 @@ def serve_connection(conn: _socket.socket) -> int:
             channel.send_final(reply.jobs(_visible_jobs(config, peer)))
             return 0
         return run_job(config, request, peer, context, channel).outcome.exit_code
+    except NoRequest:
+        journal.log("the client closed the connection without a request", journal.PRIORITY_DEBUG)
+        return 0  # not a failed unit: nothing was asked
     except Exception as e:
         error = e if isinstance(e, RunnerError) else _internal_error(context.redactor)
         if channel is None:

@@ -25,7 +25,7 @@ from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
 
 from runner.errors import RunnerError
-from runner.protocol import Form, Reply, Request, guess_form, parse_request, read_request_line
+from runner.protocol import Form, NoRequest, Reply, Request, guess_form, parse_request, read_request_line
 
 MAX_BYTES = 64 * 1024  # docs/protocol.md: at most 64 KiB including the newline
 MAX_ARGS = 1024
@@ -642,8 +642,10 @@ def test_deeply_nested_json_is_a_clean_error(depth: int, where: str) -> None:
 # ------------------------------------------------------------------------------------- read_request_line
 
 
-def expected_read(sent: bytes, closed: bool) -> bytes | None:
-    """Our model of the request line read from `sent` (None: RequestError)."""
+def expected_read(sent: bytes, closed: bool) -> bytes | type[NoRequest] | None:
+    """Our model of the request line read from `sent` (None: RequestError; NoRequest: nothing sent)."""
+    if not sent and closed:
+        return NoRequest
     if b"\n" in sent[:MAX_BYTES]:
         line = sent.partition(b"\n")[0]
     elif len(sent) > MAX_BYTES or not closed:
@@ -682,7 +684,7 @@ def feed(
 
 def read_over_socketpair(
     payload: bytes, sizes: list[int], pause_s: float, ending: str, deadline_s: float
-) -> tuple[bytes | RunnerError, bytes, float]:
+) -> tuple[bytes | RunnerError | NoRequest, bytes, float]:
     """read_request_line on the server end of a socketpair while a thread feeds the client end. A read
     that has not returned well after its deadline fails the test instead of hanging it."""
     server, client = socket.socketpair()
@@ -711,7 +713,7 @@ def read_over_socketpair(
     assert not hung, f"read_request_line had not returned {elapsed:.1f} s into a {deadline_s} s deadline"
     assert not sender.is_alive(), "the sender never finished"
     result = outcome[0]
-    if isinstance(result, BaseException) and not isinstance(result, RunnerError):
+    if isinstance(result, BaseException) and not isinstance(result, RunnerError | NoRequest):
         raise result  # any other exception is a failure of its own
     return result, bytes(data), elapsed
 
@@ -741,6 +743,8 @@ def test_read_request_line_returns_the_first_line_or_a_clean_error(
         assert isinstance(result, RunnerError), context
         assert result.code == "bad-request", context
         check_error(result, sent)
+    elif expected is NoRequest:
+        assert isinstance(result, NoRequest), context
     else:
         assert result == expected, context
         parse_outcome(expected)

@@ -18,6 +18,7 @@ from runner.errors import ArgumentsError, RequestError, RunnerError, UnknownJobE
 from runner.protocol import (
     ExitReport,
     Form,
+    NoRequest,
     Reply,
     Request,
     guess_form,
@@ -460,12 +461,30 @@ def test_partial_json_before_the_deadline_is_kept_for_the_reply_form(
     assert guess_form(bytes(received)) is Form.JSON
 
 
-def test_client_closing_without_sending_anything(pair: tuple[socket.socket, socket.socket]) -> None:
+@pytest.mark.parametrize("end", ["close", "half-close"])
+def test_client_closing_without_sending_anything_asked_nothing(
+    pair: tuple[socket.socket, socket.socket], end: str
+) -> None:
+    # A probe, or jobctl's early connection when it had nothing to ask (trigger/preconnect.py).
     server, client = pair
+    if end == "close":
+        client.close()
+    else:
+        client.shutdown(socket.SHUT_WR)
+
+    with pytest.raises(NoRequest):
+        read_request_line(server, bytearray(), deadline_s=5)
+
+
+def test_a_lone_newline_is_still_an_empty_request(pair: tuple[socket.socket, socket.socket]) -> None:
+    server, client = pair
+    client.sendall(b"\n")
     client.close()
 
-    with pytest.raises(RequestError):
+    with pytest.raises(RequestError) as info:
         read_request_line(server, bytearray(), deadline_s=5)
+
+    assert "empty" in info.value.message
 
 
 def test_client_closing_with_a_partial_json_request(pair: tuple[socket.socket, socket.socket]) -> None:

@@ -132,9 +132,11 @@ def test_connection_closed_before_any_request(runner: Runner) -> None:
     conn = runner.connect()
     conn.close()
     time.sleep(0.5)
-    # The runner gave up on the empty connection; the next client is served normally.
+    # A connection that asked nothing (a probe, jobctl's early connection when it had nothing to ask) is
+    # not a failure: the runner exits 0 without a warning, and the next client is served normally.
     assert b"exited with 0" in runner.request(b"run root-only\n")
-    assert runner.exit_statuses(2)[0] == 64
+    assert runner.exit_statuses(2)[0] == 0
+    assert b"request failed" not in runner.activator_log.read_bytes()
 
 
 def test_errors_never_carry_the_key(runner: Runner) -> None:

@@ -31,7 +31,7 @@ from pathlib import Path
 import pytest
 
 from runner.errors import RunnerError
-from runner.protocol import Form, guess_form, parse_request
+from runner.protocol import Form, NoRequest, guess_form, parse_request
 from tests.integration.conftest import Runner, wait_for
 from tests.test_fuzz_protocol import (
     HOSTILE_ARGS,
@@ -94,7 +94,7 @@ WRONG_VALUES: list[object] = [
 class Expect:
     """What the runner must answer: an error with one of `codes`, the job list, or a run of `job`."""
 
-    outcome: str  # "error", "jobs" or "run"
+    outcome: str  # "error", "jobs", "run" or "nothing" (no reply: no request arrived)
     forms: frozenset[Form]
     codes: frozenset[str] = frozenset()
     job: str = ""
@@ -129,10 +129,8 @@ def expect_for(sent: bytes, closed: bool) -> Expect | None:
     """docs/protocol.md plus tests/integration/jobs.toml, for what the runner received (None: the request
     would run a job that is not harmless, so the generator tries again)."""
     line = expected_read(sent, closed)
-    if line is None:
-        first = sent[:MAX_BYTES].partition(b"\n")[0]
-        forms = frozenset({guess_form(sent)}) if first.strip() else frozenset(Form)
-        return Expect("error", forms, frozenset({"bad-request"}))
+    if not isinstance(line, bytes):
+        return expect_without_a_line(sent, line is NoRequest)
     forms = frozenset({guess_form(line)})
     try:
         request = parse_request(line)
@@ -149,6 +147,14 @@ def expect_for(sent: bytes, closed: bool) -> Expect | None:
     else:
         return Expect("run", forms, frozenset({"busy"}), request.job, request.args, request.detach)
     return Expect("error", forms, frozenset({code}))
+
+
+def expect_without_a_line(sent: bytes, nothing_sent: bool) -> Expect:
+    if nothing_sent:  # the connection ended before its first byte: nothing asked, nothing answered
+        return Expect("nothing", frozenset(Form))
+    first = sent[:MAX_BYTES].partition(b"\n")[0]
+    forms = frozenset({guess_form(sent)}) if first.strip() else frozenset(Form)
+    return Expect("error", forms, frozenset({"bad-request"}))
 
 
 # ------------------------------------------------------------------------------------------ generation
@@ -436,7 +442,12 @@ def check_reply(case: Case) -> None:
         if expect.outcome == "error":
             case.status = EXIT_STATUS[min(expect.codes)]
         else:
-            case.status = 0 if expect.outcome == "jobs" else None
+            case.status = 0 if expect.outcome in ("jobs", "nothing") else None
+        return
+    if expect.outcome == "nothing":
+        case.status = 0
+        if reply:
+            problems.append(f"a reply to a connection that sent nothing: {reply[:300]!r}")
         return
     sent_more = len(case.payload) > MAX_BYTES + 1 or bool(case.payload.partition(b"\n")[2])
     if case.reset and not sent_more:
