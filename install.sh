@@ -236,11 +236,11 @@ install_commands() {
 import gc
 import sys
 
-gc.disable()  # while importing: run() turns it back on
+gc.disable()  # while importing: jobctl's run() turns it back on
 sys.path.insert(0, "$LIBDIR")
-from trigger.jobctl import run
+from trigger.preconnect import main
 
-run()
+main()  # connects to the socket before it imports the rest of jobctl (see trigger/preconnect.py)
 EOF
     put_text "$SBINDIR/jobrunner" 0755 <<EOF
 #!/bin/sh

@@ -764,7 +764,7 @@ def test_run_exits_with_mains_status_without_teardown_and_flushed() -> None:
     code = (
         "import atexit, sys; from trigger import jobctl; "
         "atexit.register(lambda: sys.stderr.write('teardown\\n')); "
-        "jobctl.main = lambda: (sys.stdout.write('buffered, no newline'), sys.stderr.write('err'), 7)[-1]; "
+        "jobctl.main = lambda **_: (sys.stdout.write('buffered, no newline'), sys.stderr.write('err'), 7)[-1]; "
         "jobctl.run()"
     )
     proc = python_c(code)
@@ -786,7 +786,7 @@ def test_python_m_trigger_imports_without_collections_and_run_turns_the_collecto
     code = (
         "import gc, sys; import trigger.__main__; from trigger import jobctl; "
         "sys.stdout.write(f'{gc.isenabled()} '); "
-        "jobctl.main = lambda: (sys.stdout.write(f'{gc.isenabled()}'), 0)[-1]; "
+        "jobctl.main = lambda **_: (sys.stdout.write(f'{gc.isenabled()}'), 0)[-1]; "
         "jobctl.run()"
     )
     proc = python_c(code)

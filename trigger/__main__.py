@@ -2,9 +2,9 @@
 
 import gc
 
-gc.disable()  # while importing: run() turns it back on (see its docstring)
+gc.disable()  # while importing: jobctl's run() turns it back on (see its docstring)
 
-from trigger.jobctl import run  # noqa: E402 - after gc.disable(), on purpose
+from trigger.preconnect import main  # noqa: E402 - after gc.disable(), on purpose
 
 if __name__ == "__main__":
-    run()
+    main()

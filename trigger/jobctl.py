@@ -20,14 +20,14 @@ import os
 import sys
 from enum import IntEnum
 
+from trigger.preconnect import DEFAULT_SOCKET, SOCKET_ENV, EarlyConnection, default_socket
+
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (2-3 ms at every start-up)
 if TYPE_CHECKING:
     from collections.abc import Iterator, Sequence
     from types import FrameType
     from typing import Any, BinaryIO, NoReturn
 
-DEFAULT_SOCKET = "/run/job.sock"
-SOCKET_ENV = "JOBCTL_SOCKET"
 DEFAULT_GROUP = "jobrunner"  # named in the permission hint when the socket's group cannot be looked up
 MAX_REQUEST = 64 * 1024  # bytes, including the newline (docs/protocol.md)
 RECV_SIZE = 1024 * 1024
@@ -270,7 +270,7 @@ def parse_arguments(parser: ArgumentParser, argv: Sequence[str]) -> argparse.Nam
         ns.args = [*ns.args, *tail]
     elif tail:
         parser.error(f"'{ns.command}' takes no arguments")
-    ns.socket = ns.socket or os.environ.get(SOCKET_ENV) or DEFAULT_SOCKET
+    ns.socket = ns.socket or default_socket()
     return ns
 
 
@@ -495,9 +495,10 @@ class Session:
     """One request and its reply: sends, reads events until the final one, renders them (or, with
     --json, passes them through) and returns the exit status; raises for every failure."""
 
-    def __init__(self, ns: argparse.Namespace, term: Terminal) -> None:
+    def __init__(self, ns: argparse.Namespace, term: Terminal, early: EarlyConnection | None = None) -> None:
         self.ns = ns
         self.term = term
+        self.early = early  # made before the options were parsed (trigger.preconnect)
         self.raw: bool = ns.json
         self.finals = ("exit", "error") if ns.command == "run" else ("jobs", "error")
         self.sock: _socket.socket | None = None
@@ -507,7 +508,7 @@ class Session:
         request = encode_request(self.ns)
         if self.ns.debug:
             self.term.say(f"jobctl: debug: sending {request!r} to {self.ns.socket}\n")
-        self.sock = connect(self.ns.socket)
+        self.sock = (self.early and self.early.take(self.ns.socket)) or connect(self.ns.socket)
         send_request(self.sock, request)
         for line in read_lines(self.sock):
             try:
@@ -641,9 +642,9 @@ def flush_help(term: Terminal) -> int:
     return ExitCode.OK
 
 
-def execute(ns: argparse.Namespace, term: Terminal) -> int:
+def execute(ns: argparse.Namespace, term: Terminal, early: EarlyConnection | None = None) -> int:
     """Run the session and map every way it can end to an exit status: the only place that does."""
-    session = Session(ns, term)
+    session = Session(ns, term, early)
     try:
         return session.run()
     except Interrupted as exc:
@@ -670,10 +671,20 @@ def execute(ns: argparse.Namespace, term: Terminal) -> int:
         session.close()
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, early: EarlyConnection | None = None) -> int:
+    """jobctl with `argv` (default: the command line); `early`: a connection made before the options
+    were known (trigger.preconnect), used if they name its socket and closed in any case."""
+    try:
+        return _main(sys.argv[1:] if argv is None else argv, early)
+    finally:
+        if early is not None:
+            early.close()
+
+
+def _main(argv: list[str], early: EarlyConnection | None) -> int:
     term = Terminal(sys.stdout.buffer, sys.stderr.buffer)
     try:
-        ns = parse_arguments(build_parser(), sys.argv[1:] if argv is None else argv)
+        ns = parse_arguments(build_parser(), argv)
     except ClientError as exc:
         term.report(exc)
         return exc.exit_code
@@ -681,13 +692,13 @@ def main(argv: list[str] | None = None) -> int:
         return flush_help(term) or (exc.code if isinstance(exc.code, int) else ExitCode.USAGE)
     previous = catch_signals()
     try:
-        return int(execute(ns, term))
+        return int(execute(ns, term, early))
     finally:
         for number, handler in previous.items():
             _signal.signal(number, handler)
 
 
-def run() -> NoReturn:
+def run(early: EarlyConnection | None = None) -> NoReturn:
     """The `jobctl` command: main(), then exit without the interpreter's teardown, which frees every
     module and object one by one (a few ms for memory the kernel reclaims at once anyway). Nothing of
     jobctl's needs it: the connection is closed by then, nothing is registered with atexit, and our
@@ -695,9 +706,9 @@ def run() -> NoReturn:
 
     Callers may disable the garbage collector while they import this module (the installed script and
     `python3 -m trigger` do: ~0.7 ms of collections otherwise, over objects that live as long as the
-    process); it is on again from here."""
+    process); it is on again from here. `early`: see main()."""
     gc.enable()
-    status = main()
+    status = main(early=early)
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()

@@ -128,6 +128,22 @@ def test_developer_runs_jobs_with_jobctl(installed: Installation) -> None:
     assert_results_shared_and_deletable(installed, end["output_dir"], end["log"])
 
 
+def test_jobctl_with_nothing_to_ask_leaves_no_failed_run_and_no_warning(installed: Installation) -> None:
+    # jobctl connects before it parses its options (trigger/preconnect.py), so --help and a usage error
+    # start a runner too; one that was asked nothing must end as a success that warns of nothing.
+    ct = installed.container
+    wait_for_runs_to_end(installed)
+    cursor = journal_cursor(ct)
+
+    assert installed.jobctl("--help").returncode == 0
+    assert installed.jobctl("run").returncode == 64
+    wait_for_runs_to_end(installed)
+
+    journal = journal_since(ct, cursor, "job@*.service")
+    assert journal.count("Deactivated successfully") == 2, journal  # the early connections were served
+    assert "request failed" not in journal and "Failed with result" not in journal, journal
+
+
 def test_a_failing_jobs_exit_status_reaches_jobctl(installed: Installation) -> None:
     result = installed.jobctl("run", "e2e-fail")
     assert (result.returncode, result.stdout, result.stderr) == (3, b"", b"about to fail\n")

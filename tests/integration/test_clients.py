@@ -41,6 +41,28 @@ def test_jobctl_error_exit_codes(runner: Runner) -> None:
     assert missing.returncode == 69 and b"job.socket" in missing.stderr
 
 
+def test_jobctl_connects_early_to_its_default_socket(runner: Runner) -> None:
+    # Without --socket, jobctl connects to $JOBCTL_SOCKET before it parses its options (the runner
+    # starts meanwhile), and uses that one connection for the run.
+    env = {**os.environ, "PYTHONPATH": str(REPO), "JOBCTL_SOCKET": str(runner.socket)}
+
+    def jobctl(*args: str) -> subprocess.CompletedProcess[bytes]:
+        command = [sys.executable, "-m", "trigger", *args]
+        return subprocess.run(command, capture_output=True, env=env, timeout=60, check=False)
+
+    ok = jobctl("run", "hello", "--", "world")
+    assert ok.returncode == 0 and b"args: world" in ok.stdout, ok.stderr
+    assert runner.exit_statuses(1) == [0]  # one runner: the early connection served the run
+
+    # With nothing to ask, the early connection ends without a byte: the runner exits 0, warns of nothing.
+    assert jobctl("--help").returncode == 0
+    assert jobctl("run").returncode == 64
+    assert jobctl("--socket", str(runner.root / "absent.sock"), "list").returncode == 69
+    time.sleep(0.5)  # a runner for a second connection per command would have exited by now
+    assert runner.exit_statuses(4) == [0, 0, 0, 0]
+    assert b"request failed" not in runner.activator_log.read_bytes()
+
+
 def test_jobctl_list_and_json(runner: Runner) -> None:
     listing = runner.jobctl("list")
     assert listing.returncode == 0
