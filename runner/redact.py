@@ -72,13 +72,21 @@ class Redactor:
         return StreamRedactor(self)
 
     def held_back_length(self, data: bytes) -> int:
-        """Length of the longest suffix of `data` that is a proper prefix of some secret."""
+        """Length of the longest suffix of `data` that is a proper prefix of some secret.
+
+        Runs on every chunk of output, so it looks only where such a suffix can start: at an occurrence
+        of the secret's first byte among the last len(secret) - 1 bytes (usually none or one), rather
+        than trying each of those lengths in turn (~30 us a chunk with a dozen encoded forms)."""
         longest = 0
+        end = len(data)
         for secret in self.secrets:
-            for k in range(min(len(secret) - 1, len(data)), longest, -1):
-                if data.endswith(secret[:k]):
-                    longest = k
+            first = secret[0]
+            start = data.find(first, max(end - len(secret) + 1, 0))
+            while start != -1 and end - start > longest:
+                if secret.startswith(data[start:]):
+                    longest = end - start
                     break
+                start = data.find(first, start + 1)
         return longest
 
 

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
-from hypothesis import assume, given, settings
+from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 
 from runner import credentials
@@ -184,6 +184,28 @@ def test_only_the_possible_start_of_a_secret_is_held_back() -> None:
         assert stream.feed(b"progress " + secret[:k]) == b"progress "
         assert stream.flush() == secret[:k]  # the stream ended: it never was a secret
         assert stream.flush() == b""
+
+
+def held_back_by_definition(secrets: list[bytes], data: bytes) -> int:
+    """The longest suffix of `data` that is a proper prefix of a secret, trying every length."""
+    lengths = [k for s in secrets for k in range(1, len(s)) if data.endswith(s[:k])]
+    return max(lengths, default=0)
+
+
+@given(
+    secrets=st.lists(st.binary(min_size=1, max_size=12), min_size=1, max_size=4),
+    data=st.binary(max_size=40),
+    tail=st.integers(0, 3),
+)
+@example(secrets=[b"aab"], data=b"xaa", tail=0)  # the first candidate start is not the answer
+@example(secrets=[b"abab"], data=b"ababab", tail=0)
+@example(secrets=[b"ab", b"abcd"], data=b"xabc", tail=0)
+def test_held_back_length_is_the_longest_suffix_that_starts_a_secret(
+    secrets: list[bytes], data: bytes, tail: int
+) -> None:
+    data += secrets[0][:tail]  # often end with the start of a secret
+    redactor = Redactor(secrets)
+    assert redactor.held_back_length(data) == held_back_by_definition(redactor.secrets, data)
 
 
 def test_held_back_bytes_come_out_with_the_next_chunk_when_no_secret_follows() -> None:
