@@ -1173,10 +1173,12 @@ LIST_LINE = re.compile(r"[a-z][a-z0-9_-]*(  .*)?")
 def judge_fuzz_reply(case: dict[str, Any]) -> tuple[str, str]:  # noqa: PLR0911
     """(what the reply was, the problem or ""): an error, a run, a list, or nothing (early close)."""
     reply = Reply.of(case)
-    if case["delivery"] == "early":
-        return "none", ""
     if reply.timeout or reply.connect_error:
         return "none", f"no reply: {case!r}"[:300]
+    if case["delivery"] == "early" or case["size"] == 0:
+        # Closed at once (nobody reads a reply), or ended before its first byte: nothing was asked, and
+        # nothing is answered (docs/protocol.md).
+        return "none", f"a reply to a connection that sent nothing: {reply.raw[:300]!r}" if reply.raw else ""
     if reply.elapsed > REQUEST_DEADLINE_S + 10:
         return "slow", f"replied after {reply.elapsed:.1f} s"
     if TRACEBACK in reply.raw or '.py", line ' in reply.raw:
