@@ -23,6 +23,8 @@ Baselines:
   python-start `python3 -I -S -c pass` as the developer: what any Python client pays first (jobctl is
                installed as a `python3 -I -S` script).
   socat        socat (default 8 KiB buffer) moving the streaming job's bytes over a plain unix socket.
+  socat-tee    the same with `| tee FILE` beside the run logs: the bytes also written to a file, as the
+               runner writes each byte to its run log (no redaction).
 
 The `sudo -u` alternative needs sudo, which the test rootfs lacks: the bench installs the host's cached
 /var/cache/apt/archives/sudo_*.deb into the (throwaway) container (`apt-get install -d sudo` puts one
@@ -249,14 +251,16 @@ def _runner_pythonpath(unit_lines: list[str]) -> str:
     return found
 
 
-def start_socat(ct: Container, size: int) -> str:
-    path = "/run/bench-socat.sock"
-    ct.run(["systemctl", "stop", "bench-socat.service"], check=False)
-    ct.run(["systemctl", "reset-failed", "bench-socat.service"], check=False)
-    generator = STREAM_COMMAND.replace('"$1"', str(size))
+def start_socat(ct: Container, size: int, unit: str = "bench-socat", log_file: str = "") -> str:
+    """socat serving the streaming job's bytes on /run/UNIT.sock; with `log_file`, `tee` also writes
+    them there (what the runner's run log does, the cheapest way a shell has)."""
+    path = f"/run/{unit}.sock"
+    ct.run(["systemctl", "stop", f"{unit}.service"], check=False)
+    ct.run(["systemctl", "reset-failed", f"{unit}.service"], check=False)
+    generator = STREAM_COMMAND.replace('"$1"', str(size)) + (f" | tee {log_file}" if log_file else "")
     ct.run(
         [
-            "systemd-run", "--quiet", "--unit=bench-socat", "--",
+            "systemd-run", "--quiet", f"--unit={unit}", "--",
             # -U: one way only, from the command to the client.
             "socat", "-U", f"UNIX-LISTEN:{path},fork,mode=0666,unlink-early", f"SYSTEM:{generator}",
         ]
@@ -404,9 +408,12 @@ def measure(ct: Container, args: argparse.Namespace) -> dict[str, Any]:
     if "stream" in args.only:
         size = args.stream_bytes
         socat_path = start_socat(ct, size)
+        tee_log = f"{PROJECT}/logs/bench-socat-tee.log"  # beside the run logs: the same filesystem
+        socat_tee_path = start_socat(ct, size, "bench-socat-tee", tee_log)
         logs = f"{PROJECT}/logs/stream/*.log"
         kinds = {
             "socat": {"path": socat_path, "line": "", "expect": ""},
+            "socat-tee": {"path": socat_tee_path, "line": "", "expect": "", "cleanup": [tee_log]},
             "text": {"path": "/run/job.sock", "line": f"run stream {size}\n", "expect": "exited with 0"},
             "json": {
                 "path": "/run/job.sock",
@@ -420,11 +427,11 @@ def measure(ct: Container, args: argparse.Namespace) -> dict[str, Any]:
         for round_ in range(args.rounds + 1):
             for kind, where in kinds.items():
                 log(f"streaming: {size} bytes, {kind} ({f'round {round_}' if round_ else 'warm-up'})")
-                spec = {**where, "payload_bytes": size, "cleanup": [logs]}
+                spec = {"cleanup": [logs], **where, "payload_bytes": size}
                 result = client(ct, "stream", spec, user=DEVELOPER, timeout=600)
                 if round_:
                     raw["stream"][kind].append(result)
-        ct.run(["systemctl", "stop", "bench-socat.service"], check=False)
+        ct.run(["systemctl", "stop", "bench-socat.service", "bench-socat-tee.service"], check=False)
     return raw
 
 
@@ -569,6 +576,10 @@ def rows(raw: dict[str, Any]) -> list[Row]:  # noqa: PLR0912, PLR0915 - one tabl
 
         socat = rate(stream["socat"])
         out.append(("streaming: socat, plain unix socket", f"{socat:6.0f} MB/s", "1.00", "itself", ""))
+        if "socat-tee" in stream:  # runs before this one have no such baseline
+            tee = rate(stream["socat-tee"])
+            row = ("  socat, and tee to a log file", f"{tee:6.0f} MB/s", f"{tee / socat:4.2f}", "socat", "")
+            out.append(row)
         for kind, need in (("text", 1.0), ("json", 0.5)):
             r = rate(stream[kind])
             rates = [x["payload_bytes"] / x["seconds"] / 1e6 for x in stream[kind]]
