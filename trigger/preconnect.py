@@ -40,7 +40,7 @@ class EarlyConnection:
     @classmethod
     def open(cls, path: str) -> EarlyConnection | None:
         """Connect to `path` without waiting (a full backlog, like any error, means: not now)."""
-        sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM | _socket.SOCK_CLOEXEC)
+        sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)  # close-on-exec, as every Python socket
         try:
             sock.setblocking(False)
             sock.connect(path)
