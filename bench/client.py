@@ -3,8 +3,9 @@
 bench/run.py copies this file in and runs it once per measurement pass, so that no nsenter or setpriv
 sits between the clock and what it times. Standard library only (the container has a bare python3).
 
-    client.py latency SPEC_JSON     interleaved round trips (round-robin over the targets, so that a
-                                    drift in the machine's speed hits every target alike)
+    client.py latency SPEC_JSON     interleaved round trips: every target once a round, in a new
+                                    (seeded) random order each round, so that neither a drift in
+                                    the machine's speed nor what ran just before favours a target
     client.py concurrent SPEC_JSON  N clients x M requests against one target, split over several
                                     users (one process each; run it as root)
     client.py stream SPEC_JSON      one long reply: bytes, seconds, the runner's peak memory
@@ -16,6 +17,7 @@ import glob
 import json
 import os
 import pwd
+import random
 import socket
 import sys
 import threading
@@ -85,12 +87,17 @@ def one(target: dict[str, Any]) -> tuple[float, float]:
 
 
 def latency(spec: dict[str, Any]) -> dict[str, Any]:
-    targets = spec["targets"]
+    targets = list(spec["targets"])
     results: dict[str, dict[str, list[float]]] = {t["name"]: {"ttfb": [], "total": []} for t in targets}
+    # A fixed order would give each target the same predecessor every time, and a round trip is faster
+    # or slower depending on what the one before left behind (on systemd 252 the sandboxed floor was
+    # measured faster right after the unsandboxed one than after any other): shuffle every round instead.
+    shuffled = random.Random(spec.get("seed", 0))  # noqa: S311 - an order to measure in, not a secret
     for _ in range(spec["warmup"]):
         for t in targets:
             one(t)
     for _ in range(spec["requests"]):
+        shuffled.shuffle(targets)
         for t in targets:
             ttfb, total = one(t)
             results[t["name"]]["ttfb"].append(ttfb)

@@ -341,7 +341,7 @@ def measure(ct: Container, args: argparse.Namespace) -> dict[str, Any]:
         "systemd": _systemd_version(ct),
         "python": _python_version(ct),
     }
-    n, warmup, pause = args.requests, args.warmup, args.pause
+    n, warmup, pause, seed = args.requests, args.warmup, args.pause, args.seed
     if "latency" in args.only:
         how = sudo_alternative(ct)
         alt = (
@@ -355,7 +355,7 @@ def measure(ct: Container, args: argparse.Namespace) -> dict[str, Any]:
             FIRST, *alt,
         ]  # fmt: skip
         log(f"latency: {n} rounds over {', '.join(t['name'] for t in targets)} (as {DEVELOPER})")
-        spec = {"targets": targets, "requests": n, "warmup": warmup, "pause_s": pause}
+        spec = {"targets": targets, "requests": n, "warmup": warmup, "pause_s": pause, "seed": seed}
         raw["latency"] = client(ct, "latency", spec, user=DEVELOPER, timeout=3600)
         root_targets = [
             FLOOR,
@@ -388,7 +388,7 @@ def measure(ct: Container, args: argparse.Namespace) -> dict[str, Any]:
                 )
             )
         log(f"latency: {n} rounds over {', '.join(t['name'] for t in root_targets)} (as root)")
-        spec = {"targets": root_targets, "requests": n, "warmup": warmup, "pause_s": pause}
+        spec = {"targets": root_targets, "requests": n, "warmup": warmup, "pause_s": pause, "seed": seed}
         raw["latency_root"] = client(ct, "latency", spec, user=None, timeout=3600)
         raw["alternative_sudo"] = how
     if "concurrency" in args.only:
@@ -669,6 +669,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=20, help="untimed round trips first (default 20)")
     parser.add_argument(
         "--pause", type=float, default=0.03, help="seconds between round trips (default 0.03)"
+    )
+    parser.add_argument(
+        "--seed", type=int, default=1, help="seed of the latency rounds' shuffled order (default 1)"
     )
     parser.add_argument("--clients", type=int, default=20)
     parser.add_argument("--per-client", type=int, default=15)
