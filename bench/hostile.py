@@ -84,7 +84,7 @@ def run_cases(inst: hostile.Installation) -> list[hostile.Outcome]:
 def left_behind(inst: hostile.Installation) -> list[str]:
     """After everything: job@ units, runners, or any process a test job started, still there."""
     units = hostile.wait_for_runs_to_end(inst)
-    markers = ("-m runner", "sleep 900", "bomb", "yes the quick", "sleep 3600")
+    markers = (*hostile.RUNNER_MARKS, "sleep 900", "bomb", "yes the quick", "sleep 3600")
     processes = [line for line in inst.sh("ps -eo args").splitlines() if any(m in line for m in markers)]
     return units + processes
 

@@ -13,11 +13,11 @@ Baselines:
                from `systemctl cat job@x.service`, drop-ins included), ExecStart a shell that reads one
                line and prints one line. What any per-connection sandboxed service pays.
   floor-bare   the same socket, a template with nothing but that shell: what the sandbox costs.
-  floor-python job@'s sandbox, `python3 -P -S -m` (started like the runner) a module that reads the
-               line and the key and replies: the interpreter's own share.
+  floor-python job@'s sandbox, `python3 -P -S -c "import MODULE"` (started like the runner) a module
+               that reads the line and the key and replies: the interpreter's own share.
   floor-contract the same, plus what issue 2's contract asks of any runner, done the cheapest way:
-               shlex-split the request, spawn /bin/true and wait, one STATUS= with sdnotify and one
-               journal entry (python-systemd) at start and at end. No Python runner can go below it.
+               shlex-split the request, spawn /bin/true and wait, one STATUS= and one journal entry
+               (python-systemd's C modules) at start and at end. No Python runner can go below it.
   client-floor a plain standard-library client of the JSON protocol (argparse, json, one round trip),
                started like jobctl but without its start-up work: what any such client pays.
   python-start `python3 -I -S -c pass` as the developer: what any Python client pays first (jobctl is
@@ -77,8 +77,8 @@ GIB = 1 << 30
 STREAM_LINE = "jobrunner bench 0123456789 abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 STREAM_COMMAND = f"yes '{STREAM_LINE}' | head -c \"$1\""
 FLOOR_REPLY = "read -r line <&3; echo floor-ok >&3"
-# The interpreter's share: the same sandbox, started like the runner (`python3 -P -m MODULE`), reading the
-# request and the key and replying, with nothing imported beyond what the interpreter itself loads.
+# The interpreter's share: the same sandbox, started like the runner (`python3 -P -S -c "import MODULE"`),
+# reading the request and the key and replying, with nothing imported beyond what the interpreter loads.
 FLOOR_PYTHON_DIR = "/usr/local/lib/jobrunner-bench"
 FLOOR_PYTHON_SOURCE = """\
 import os
@@ -88,27 +88,27 @@ with open(os.environ["CREDENTIALS_DIRECTORY"] + "/api-key", "rb") as f:
     f.read()
 os.write(3, b"floor-ok\\n")
 """
-# The contract's unavoidable work, the cheapest way (the journal through python-systemd's C module, as
-# the runner does): what any Python implementation of job@.service pays on top of the interpreter.
+# The contract's unavoidable work, the cheapest way (sd_notify and the journal through python-systemd's C
+# modules, as the runner does): what any Python implementation of job@.service pays on top of the
+# interpreter.
 FLOOR_CONTRACT_SOURCE = """\
+import _socket
 import os
 import shlex
-import socket
 
-import sdnotify
+from systemd._daemon import notify
 from systemd._journal import sendv
 
 words = shlex.split(os.read(3, 65536).decode())
 with open(os.environ["CREDENTIALS_DIRECTORY"] + "/api-key", "rb") as f:
     f.read()
-notifier = sdnotify.SystemdNotifier()
 pid = os.posix_spawn("/bin/true", ["/bin/true"], {"PATH": "/usr/bin:/bin"})
-notifier.notify("STATUS=running")
+notify("STATUS=running")
 sendv("MESSAGE=floor-contract started", "JOB_NAME=noop")
 os.waitpid(pid, 0)
 os.write(3, b"floor-ok\\n")
-socket.socket(fileno=3).shutdown(socket.SHUT_WR)
-notifier.notify("STATUS=done")
+_socket.socket(fileno=3).shutdown(_socket.SHUT_WR)
+notify("STATUS=done")
 sendv("MESSAGE=floor-contract ended", "JOB_NAME=noop")
 """
 # A plain standard-library client of the JSON protocol, started as jobctl is (python3 -I -S, no garbage
@@ -212,7 +212,7 @@ def floor_units(ct: Container) -> None:
     def python(module: str) -> list[str]:
         return [
             f"Environment=PYTHONPATH={FLOOR_PYTHON_DIR}:{runner_path}",
-            f"ExecStart=/usr/bin/python3 -P -S -m {module}",
+            f'ExecStart=/usr/bin/python3 -P -S -c "import {module}"',
         ]
 
     units = {
@@ -494,7 +494,7 @@ def rows(raw: dict[str, Any]) -> list[Row]:  # noqa: PLR0912, PLR0915 - one tabl
         out.append(latency_row("floor: job@'s sandbox + key, sh reply", fl, b50, b95, "itself"))
         out.append(latency_row("floor without sandbox (sh reply)", ms("floor-bare"), b50, b95, "floor"))
         for name, label in (  # the interpreter's own share, then with the contract's minimum
-            ("floor-python", "floor, python3 -P -S -m: reads line + key"),
+            ("floor-python", "floor, python3 -P -S -c: reads line + key"),
             ("floor-contract", "floor, python + the contract's minimum"),
         ):
             if name in lat:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 import subprocess
 import sys
 import textwrap
@@ -24,6 +25,26 @@ def imported_by(code: str) -> set[str]:
         check=True,
     )
     return set(proc.stdout.split())
+
+
+def test_job_service_starts_the_runner_without_runpy() -> None:
+    # `python3 -m runner` is the same program, but runpy imports importlib.util and contextlib first.
+    unit = (REPO / "units" / "job@.service").read_text()
+    exec_start = next(line for line in unit.splitlines() if line.startswith("ExecStart="))
+    program, *options, instance = shlex.split(exec_start.removeprefix("ExecStart="))
+    assert (program, instance) == ("/usr/bin/python3", "%i")
+    proc = subprocess.run(
+        [sys.executable, "-X", "importtime", *options, "--help"],
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("usage: python3 -m runner")
+    imported = {line.rpartition("|")[2].strip() for line in proc.stderr.splitlines()}
+    assert "runner.service" in imported
+    assert not imported & {"runpy", "importlib.util", "contextlib"}
 
 
 def test_the_connection_path_does_not_import_pathlib() -> None:
@@ -55,6 +76,27 @@ def test_the_connection_path_builds_no_signal_enums_and_compiles_no_name_pattern
     assert "runner.service" in imported
     assert not imported & {"signal", "struct"}
     assert "compiled-patterns=0" in imported
+
+
+def test_sending_status_to_systemd_does_not_import_socket(tmp_path: Path) -> None:
+    # sdnotify and systemd.daemon import `socket` (with selectors, array, math) for one datagram: ~1.5 ms.
+    import systemd  # where python-systemd is: the unit puts its directory on PYTHONPATH too
+
+    imported = imported_by(
+        f"""\
+        import _socket, os
+        sys.path.append("{Path(systemd.__path__[0]).parent}")
+        manager = _socket.socket(_socket.AF_UNIX, _socket.SOCK_DGRAM)
+        manager.bind("{tmp_path}/notify.sock")
+        os.environ["NOTIFY_SOCKET"] = "{tmp_path}/notify.sock"
+        import runner.__main__, runner.activation, runner.service
+        from runner import notify
+        notify.status("running")
+        print("received=" + manager.recv(64).decode())
+        """
+    )
+    assert "received=STATUS=running" in imported
+    assert not imported & {"socket", "sdnotify", "selectors", "systemd.daemon"}
 
 
 def test_a_text_request_does_not_import_json() -> None:

@@ -1,8 +1,11 @@
-"""runner.notify: STATUS= through sdnotify to $NOTIFY_SOCKET, silent without one, never raising."""
+"""runner.notify: STATUS= through libsystemd's sd_notify (sdnotify without python-systemd's C module) to
+$NOTIFY_SOCKET, silent without one, never raising."""
 
 from __future__ import annotations
 
 import socket
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -10,19 +13,41 @@ import pytest
 from runner import notify
 
 
-def test_status_reaches_the_notify_socket(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.fixture
+def manager(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[socket.socket]:
+    """A stand-in for systemd's notification socket."""
     path = tmp_path / "notify.sock"
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as manager:
-        manager.bind(str(path))
-        manager.settimeout(5)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(str(path))
+        sock.settimeout(5)
         monkeypatch.setenv("NOTIFY_SOCKET", str(path))
-        notify.status("running hello (run 1) for alice")
-        assert manager.recv(4096) == b"STATUS=running hello (run 1) for alice"
+        yield sock
+
+
+def test_status_reaches_the_notify_socket(manager: socket.socket) -> None:
+    notify.status("running hello (run 1) for alice")
+    assert manager.recv(4096) == b"STATUS=running hello (run 1) for alice"
+
+
+def test_status_is_sent_by_libsystemd_not_sdnotify(
+    manager: socket.socket, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "sdnotify", None)  # importing it now raises ImportError
+    notify.status("x")
+    assert manager.recv(4096) == b"STATUS=x"
+
+
+def test_without_python_systemds_c_module_sdnotify_sends_it(
+    manager: socket.socket, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "systemd._daemon", None)
+    notify.status("fallback")
+    assert manager.recv(4096) == b"STATUS=fallback"
 
 
 def test_status_without_a_manager_does_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
-    notify.status("nobody listens")  # must not raise, nor import sdnotify for nothing
+    notify.status("nobody listens")  # must not raise, nor import anything for nothing
 
 
 def test_a_failed_send_is_logged_not_raised(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

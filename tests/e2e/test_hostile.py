@@ -67,6 +67,9 @@ SECOND_CREDENTIAL = "hostile-key"  # a second key, with characters that URL-enco
 REQUEST_DEADLINE_S = 10.0  # docs/protocol.md
 CLIENT_STALL_S = 30.0  # runner/execute.py: after the job, how long a client that reads nothing may take
 STOP_TIMEOUT_S = 20.0  # job@.service's TimeoutStopSec=: how long systemd lets stragglers ignore SIGTERM
+# A runner in `ps -eo args`: job@.service's ExecStart (python3 ... -c "import runner.__main__; ...") or
+# one started by hand (python3 -m runner).
+RUNNER_MARKS = ("runner.__main__", "-m runner")
 RUNNER_MEMORY_LIMIT_KB = 64 * 1024  # the runner's VmHWM, whatever the job prints (it is ~20 MiB)
 TRACEBACK = "Traceback (most recent call last)"
 
@@ -1106,7 +1109,9 @@ DEADLINE_ERROR = (
 
 
 def runner_processes(inst: Installation) -> list[str]:
-    return [line for line in inst.sh("ps -eo args").splitlines() if "-m runner" in line]
+    return [
+        line for line in inst.sh("ps -eo args").splitlines() if any(mark in line for mark in RUNNER_MARKS)
+    ]
 
 
 def slow_loris(inst: Installation, connections: int = 60, interval: float = 3.0) -> Outcome:
