@@ -215,10 +215,12 @@ def runner_processes() -> list[int]:
         if entry.isdigit():
             try:
                 with open(f"/proc/{entry}/cmdline", "rb") as f:
-                    if b"\0-m\0runner\0" in f.read():
-                        pids.append(int(entry))
+                    cmdline = f.read()
             except OSError:
-                pass
+                continue
+            # job@.service's ExecStart (python3 -P -S -c "import runner.__main__; ...") or `-m runner`.
+            if b"runner.__main__" in cmdline or b"\0-m\0runner\0" in cmdline:
+                pids.append(int(entry))
     return pids
 
 
@@ -272,6 +274,10 @@ def stream(spec: dict[str, Any]) -> dict[str, Any]:
     expect = spec.get("expect", "")
     if expect and expect.encode() not in tail:
         raise RuntimeError(f"stream: unexpected end of reply {bytes(tail[-300:])!r}")
+    if spec.get("runner") and not peaks:
+        raise RuntimeError(
+            "stream: no runner process seen: its command line is not what runner_processes() knows"
+        )
     return {
         "seconds": seconds,
         "wire_bytes": received,

@@ -1,10 +1,14 @@
-"""bench/client.py's latency mode: every target timed once a round, in an order that changes from round to
-round (a fixed order gives each target the same predecessor, which moved the floor on systemd 252)."""
+"""bench/client.py: the latency mode times every target once a round, in an order that changes from round
+to round (a fixed order gives each target the same predecessor, which moved the floor on systemd 252);
+the streaming mode finds the runner's processes to sample their memory."""
 
 from __future__ import annotations
 
 import importlib.util
 import itertools
+import shlex
+import subprocess
+import sys
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -66,3 +70,21 @@ def test_the_seed_makes_a_run_repeatable(mocker: MockerFixture) -> None:
     _, other = run_latency(mocker, seed=8)
     assert first == again
     assert first != other
+
+
+def test_runner_processes_finds_a_runner_started_by_job_service() -> None:
+    # The streaming pass samples the runner's peak memory through this: it must know job@'s command line.
+    unit = (CLIENT.parents[1] / "units" / "job@.service").read_text()
+    exec_start = next(line for line in unit.splitlines() if line.startswith("ExecStart="))
+    _, *options, _ = shlex.split(exec_start.removeprefix("ExecStart="))
+    # A sleeper that carries job@'s options as its arguments: the same words in /proc/PID/cmdline.
+    runner_like = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)", *options])
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)", "runner"])
+    try:
+        found = load_client().runner_processes()
+        assert runner_like.pid in found
+        assert other.pid not in found
+    finally:
+        for proc in (runner_like, other):
+            proc.kill()
+            proc.wait()
