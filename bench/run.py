@@ -26,6 +26,10 @@ Baselines:
   socat-tee    the same with `| tee FILE` beside the run logs: the bytes also written to a file, as the
                runner writes each byte to its run log (no redaction).
 
+The project's logs directory is a directory on the host's disk (under --logs-dir), bound in: a real
+project's run logs are on a disk, and the container's own filesystem is a tmpfs overlay, where writing
+costs several times more CPU per byte (bench/stream.py shows both).
+
 The `sudo -u` alternative needs sudo, which the test rootfs lacks: the bench installs the host's cached
 /var/cache/apt/archives/sudo_*.deb into the (throwaway) container (`apt-get install -d sudo` puts one
 there), else it falls back to `setpriv` as root and says so. The cached rootfs is never modified.
@@ -34,6 +38,7 @@ there), else it falls back to `setpriv` as root and says so. The cached rootfs i
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -42,6 +47,7 @@ import shlex
 import signal
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -73,6 +79,7 @@ CLIENT_AS_DEVELOPER = "/home/alice/bench-client.py"  # /root is not readable by 
 BENCH_DEVELOPERS = (DEVELOPER, "bench-dev1", "bench-dev2", "bench-dev3")
 SERVICE_USER = "jrsvc"  # the `sudo -u` alternative's service user, owner of the key file
 KEY_FILE = "/etc/jrsvc/api-key"
+LOGS_DISK = "/srv/bench-logs"  # in the container: the host directory bound in for the project's logs
 GIB = 1 << 30
 # Printable, so that the JSON protocol carries it as text (as it would a log), not as base64 or \u escapes.
 STREAM_LINE = "jobrunner bench 0123456789 abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ"
@@ -121,6 +128,7 @@ import gc
 gc.disable()
 import _socket
 import argparse
+import contextlib
 import json
 import sys
 
@@ -194,6 +202,19 @@ def install(ct: Container, runner_override: Path | None) -> None:
     # The parsed copy connections use (jobrunner-config.path would refresh it too, a moment later).
     ct.run(["jobrunner", "check"])
     store_credential(ct, CREDENTIAL, "bench-" + secrets.token_hex(16))
+
+
+def logs_on_disk(ct: Container) -> None:
+    """Put the project's logs directory on the host's disk (LOGS_DISK is bound in), as a real project's
+    is. The container's own filesystem is a tmpfs overlay (nspawn --volatile=overlay), where writing a
+    byte costs the runner several times the CPU it costs on a disk filesystem (bench/stream.py --dir on
+    a tmpfs): the streaming pass writes 1 GiB run logs, and socat-tee its file beside them."""
+    logs = f"{PROJECT}/logs"
+    owner, mode = ct.run(["stat", "-c", "%u:%g %a", logs]).stdout.decode().split()
+    ct.run(["cp", "-a", f"{logs}/.", LOGS_DISK])
+    ct.run(["chown", owner, LOGS_DISK])
+    ct.run(["chmod", mode, LOGS_DISK])
+    ct.run(["mount", "--bind", LOGS_DISK, logs])
 
 
 def unit_text(ct: Container, unit: str) -> str:
@@ -341,6 +362,7 @@ def measure(ct: Container, args: argparse.Namespace) -> dict[str, Any]:
         "distro": ct.distro,
         "systemd": _systemd_version(ct),
         "python": _python_version(ct),
+        "run_logs_filesystem": ct.run(["stat", "-f", "-c", "%T", f"{PROJECT}/logs"]).stdout.decode().strip(),
     }
     n, warmup, pause, seed = args.requests, args.warmup, args.pause, args.seed
     if "latency" in args.only:
@@ -647,15 +669,28 @@ def print_table(per_distro: dict[str, dict[str, Any]]) -> None:
     for line in body:
         print(fmt.format(*line))
     print("\nlatency values: p50 / p95; ratio: p50 / p95 over the baseline's, same run.")
+    filesystems = [f"{d}: {raw.get('run_logs_filesystem', 'tmpfs')}" for d, raw in per_distro.items()]
+    print(f"run logs (and socat-tee's file) on: {', '.join(filesystems)}")
 
 
 # ------------------------------------------------------------------------------------------------ main
 
 
 def bench(distro: str, args: argparse.Namespace) -> dict[str, Any]:
-    with Container.boot(distro, name="bench", binds_ro={REPO: "/src"}) as ct:
+    with contextlib.ExitStack() as stack:
+        binds = []
+        if args.logs_dir:  # a directory on the host's disk, for the project's logs (logs_on_disk)
+            host_logs = stack.enter_context(
+                tempfile.TemporaryDirectory(prefix="jobrunner-bench-logs-", dir=args.logs_dir)
+            )
+            binds = [f"--bind={host_logs}:{LOGS_DISK}"]
+        ct = stack.enter_context(
+            Container.boot(distro, name="bench", binds_ro={REPO: "/src"}, nspawn_args=binds)
+        )
         log(f"{distro}: installing jobrunner")
         install(ct, args.runner)
+        if args.logs_dir:
+            logs_on_disk(ct)
         floor_units(ct)
         ct.write_file(CLIENT, (REPO / "bench" / "client.py").read_bytes())
         ct.write_file(CLIENT_AS_DEVELOPER, (REPO / "bench" / "client.py").read_bytes())
@@ -696,6 +731,12 @@ def main(argv: list[str] | None = None) -> int:
         "--stream-bytes", type=int, default=GIB, help="streaming job's output (default 1 GiB)"
     )
     parser.add_argument("--only", default="latency,concurrency,stream", help="comma-separated parts to run")
+    parser.add_argument(
+        "--logs-dir",
+        default="/var/tmp",  # noqa: S108 - a disk on most hosts; the bench's own directory is made with mkdtemp
+        help="host directory (on disk) under which the project's logs directory is made and bound in "
+        "(default /var/tmp; '' leaves it on the container's tmpfs overlay)",
+    )
     parser.add_argument("--json", type=Path, help="write the raw numbers here")
     parser.add_argument("--runner", type=Path, help="install this runner/ directory instead (A/B runs)")
     parser.add_argument(
