@@ -1,7 +1,7 @@
 """The runner's entry point, started by job@.service once per connection or per operator start.
 
 job@.service calls run() through `python3 -c` rather than `python3 -m runner`: -m goes through runpy,
-which imports importlib.util and contextlib (~1.5 ms of every connection, measured by bench/run.py).
+which imports importlib.util and contextlib first (~1 ms of every connection, A/B in a container).
 `python3 -m runner [JOBNAME]` does the same by hand.
 
 Kept tiny and lean: every connection pays for each import made before its job starts.
