@@ -128,7 +128,6 @@ import gc
 gc.disable()
 import _socket
 import argparse
-import contextlib
 import json
 import sys
 
