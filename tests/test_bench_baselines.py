@@ -4,19 +4,11 @@ baseline that README's figures are ratios against (one slipped into the plain cl
 from __future__ import annotations
 
 import ast
-import importlib.util
 from pathlib import Path
-from types import ModuleType
+
+from tests.test_bench_client import load_script
 
 RUN = Path(__file__).resolve().parents[1] / "bench" / "run.py"
-
-
-def load_run() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("bench_run", RUN)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def imports_of(source: str) -> set[str]:
@@ -30,7 +22,7 @@ def imports_of(source: str) -> set[str]:
 
 
 def test_each_baseline_imports_only_what_it_is_meant_to() -> None:
-    run = load_run()
+    run = load_script(RUN)
     assert imports_of(run.FLOOR_PYTHON_SOURCE) == {"os"}
     assert imports_of(run.FLOOR_CONTRACT_SOURCE) == {
         "_socket",

@@ -19,12 +19,17 @@ CLIENT = Path(__file__).resolve().parents[1] / "bench" / "client.py"
 NAMES = ["floor-bare", "floor", "product", "jobctl", "first"]
 
 
-def load_client() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("bench_client", CLIENT)
+def load_script(path: Path) -> ModuleType:
+    """A bench/ script as a module (bench/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(f"bench_{path.stem}", path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def load_client() -> ModuleType:
+    return load_script(CLIENT)
 
 
 def run_latency(
