@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import importlib.util
 import itertools
-import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +13,8 @@ from types import ModuleType
 from typing import Any
 
 from pytest_mock import MockerFixture
+
+from tests.test_imports import job_service_command
 
 CLIENT = Path(__file__).resolve().parents[1] / "bench" / "client.py"
 NAMES = ["floor-bare", "floor", "product", "jobctl", "first"]
@@ -79,9 +80,7 @@ def test_the_seed_makes_a_run_repeatable(mocker: MockerFixture) -> None:
 
 def test_runner_processes_finds_a_runner_started_by_job_service() -> None:
     # The streaming pass samples the runner's peak memory through this: it must know job@'s command line.
-    unit = (CLIENT.parents[1] / "units" / "job@.service").read_text()
-    exec_start = next(line for line in unit.splitlines() if line.startswith("ExecStart="))
-    _, *options, _ = shlex.split(exec_start.removeprefix("ExecStart="))
+    _, *options, _ = job_service_command()
     # A sleeper that carries job@'s options as its arguments: the same words in /proc/PID/cmdline.
     runner_like = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)", *options])
     other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)", "runner"])

@@ -27,11 +27,16 @@ def imported_by(code: str) -> set[str]:
     return set(proc.stdout.split())
 
 
-def test_job_service_starts_the_runner_without_runpy() -> None:
-    # `python3 -m runner` is the same program, but runpy imports importlib.util and contextlib first.
+def job_service_command() -> list[str]:
+    """units/job@.service's ExecStart=, split into words."""
     unit = (REPO / "units" / "job@.service").read_text()
     exec_start = next(line for line in unit.splitlines() if line.startswith("ExecStart="))
-    program, *options, instance = shlex.split(exec_start.removeprefix("ExecStart="))
+    return shlex.split(exec_start.removeprefix("ExecStart="))
+
+
+def test_job_service_starts_the_runner_without_runpy() -> None:
+    # `python3 -m runner` is the same program, but runpy imports importlib.util and contextlib first.
+    program, *options, instance = job_service_command()
     assert (program, instance) == ("/usr/bin/python3", "%i")
     proc = subprocess.run(
         [sys.executable, "-X", "importtime", *options, "--help"],
