@@ -1,5 +1,6 @@
-"""Where the runner's streaming time goes: its own supervisor, with and without the run log and the key
-search, against socat, on this machine (no container, no sandbox).
+"""Where the runner's streaming time goes: its own supervisor, with and without the run log (and its
+page cache released as it grows, or kept) and the key search, against socat, on this machine (no
+container, no sandbox).
 
     python3 bench/stream.py [--bytes N] [--rounds 5] [--dir DIR]
 
@@ -35,12 +36,13 @@ from run import GIB, STREAM_COMMAND  # bench/ is this script's directory, so fir
 from runner import channel, execute, protocol, redact, runs
 
 KEY = b"sk-bench-7f3a9c0de41b56a8d2e0c4f19b7a3e6d5c8f01"
-# The runner's variants: (write the run log, search for the key).
+# The runner's variants: (write the run log, search for the key, let the log's page cache go).
 RUNNER_VARIANTS = {
-    "runner": (True, True),
-    "runner, no run log": (False, True),
-    "runner, no key to search": (True, False),
-    "runner, neither": (False, False),
+    "runner": (True, True, True),
+    "runner, log kept in cache": (True, True, False),
+    "runner, no run log": (False, True, True),
+    "runner, no key to search": (True, False, True),
+    "runner, neither": (False, False, True),
 }
 VARIANTS = ("socat", *RUNNER_VARIANTS)
 
@@ -74,11 +76,12 @@ def with_reader(serve: Callable[[socket.socket], None], size: int) -> None:
         raise RuntimeError(f"the client did not read {size} bytes")
 
 
-def run_runner(size: int, directory: str, *, log: bool, key: bool) -> tuple[float, float]:
+def run_runner(size: int, directory: str, *, log: bool, key: bool, release: bool) -> tuple[float, float]:
     """(seconds, runner CPU seconds) for one job streamed through the supervisor."""
     secrets = [KEY, *redact.encoded_forms(KEY)] if key else []
     log_path = os.path.join(directory, f"bench-stream-{os.getpid()}.log")
-    sink = runs.RunLog(log_path) if log else Discard()
+    release_every = runs.RELEASE_CACHE_EVERY if release else 0
+    sink = runs.RunLog(log_path, release_cache_every=release_every) if log else Discard()
     cpu = resource.getrusage(resource.RUSAGE_SELF)
     started = time.perf_counter()
 
@@ -131,8 +134,8 @@ def socat_round_trip(size: int, path: str) -> tuple[float, float]:
 def measure(variant: str, size: int, directory: str) -> tuple[float, float]:
     if variant == "socat":
         return run_socat(size)
-    log, key = RUNNER_VARIANTS[variant]
-    return run_runner(size, directory, log=log, key=key)
+    log, key, release = RUNNER_VARIANTS[variant]
+    return run_runner(size, directory, log=log, key=key, release=release)
 
 
 def main() -> int:

@@ -27,6 +27,7 @@ def test_every_variant_gets_a_row(tmp_path: Path) -> None:
     assert set(rows) == {
         "socat",
         "runner",
+        "runner, log kept in cache",
         "runner, no run log",
         "runner, no key to search",
         "runner, neither",

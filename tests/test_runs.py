@@ -7,12 +7,16 @@ import errno
 import os
 import random
 import re
+import shutil
+import subprocess
+import tempfile
 import threading
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import BinaryIO
 
 import pytest
+from pytest_mock import MockerFixture
 
 from runner.errors import InternalError
 from runner.runs import RunLog, create_run_paths, iso_time, new_run_id
@@ -286,6 +290,101 @@ def test_dev_full_as_the_run_log(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     assert isinstance(log.write_error, OSError)
     assert log.write_error.errno == errno.ENOSPC
     assert full.closed
+
+
+def released_ranges(mocker: MockerFixture) -> list[tuple[int, int, int]]:
+    """The (offset, length, advice) of every posix_fadvise call, which still runs for real."""
+    calls: list[tuple[int, int, int]] = []
+    real = os.posix_fadvise
+
+    def record(fd: int, offset: int, length: int, advice: int) -> None:
+        calls.append((offset, length, advice))
+        real(fd, offset, length, advice)
+
+    mocker.patch.object(os, "posix_fadvise", side_effect=record)
+    return calls
+
+
+def test_a_large_run_log_hands_its_pages_back_as_it_grows(tmp_path: Path, mocker: MockerFixture) -> None:
+    calls = released_ranges(mocker)
+    path = tmp_path / "run.log"
+    log = RunLog(str(path), release_cache_every=1 << 20)
+    log.header({"job": "big"})
+    chunk = b"x" * (512 << 10)
+
+    for _ in range(5):  # released after the 2nd and 4th chunk
+        log.write(chunk)
+    assert calls == [(0, 0, os.POSIX_FADV_DONTNEED)] * 2  # the whole file each time
+    log.close()
+
+    assert len(calls) == 3  # and its tail when closed
+    assert path.read_bytes().endswith(chunk * 5)  # advice only: nothing written is lost
+
+
+def test_a_small_run_log_stays_cached(tmp_path: Path, mocker: MockerFixture) -> None:
+    calls = released_ranges(mocker)
+    log = RunLog(str(tmp_path / "run.log"))  # the default threshold: most runs print far less
+    log.write(b"y" * (1 << 20))
+    log.close()
+
+    assert calls == []
+
+
+def test_a_filesystem_that_refuses_the_advice_changes_nothing(tmp_path: Path, mocker: MockerFixture) -> None:
+    mocker.patch.object(os, "posix_fadvise", side_effect=OSError(errno.EINVAL, "Invalid argument"))
+    path = tmp_path / "run.log"
+    log = RunLog(str(path), release_cache_every=10)
+
+    log.write(b"0123456789abc")
+    log.write(b"def")
+    log.close()
+
+    assert path.read_bytes() == b"0123456789abcdef"
+    assert log.write_error is None
+
+
+def resident_bytes(path: str) -> int:
+    fincore = ["fincore", "--bytes", "--noheadings", "--output", "RES", path]
+    return int(subprocess.run(fincore, capture_output=True, check=True).stdout)
+
+
+def fsync_path(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)  # fsync through any descriptor writes the file's pages out
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.skipif(shutil.which("fincore") is None, reason="needs fincore (util-linux)")
+def test_the_page_cache_really_lets_go_of_a_large_run_log() -> None:
+    # On a disk, as a project's logs directory is: a tmpfs has nowhere to write its pages to and keeps them.
+    directory = tempfile.mkdtemp(prefix="jobrunner-test-", dir="/var/tmp")
+    filesystem = subprocess.run(
+        ["stat", "-f", "-c", "%T", directory], capture_output=True, text=True, check=True
+    )
+    if filesystem.stdout.strip() == "tmpfs":
+        os.rmdir(directory)
+        pytest.skip("/var/tmp is a tmpfs here")
+    size, chunk = 64 << 20, os.urandom(1 << 20)
+    try:
+        resident = {}
+        for name, every in (("kept", 0), ("released", 16 << 20)):
+            path = os.path.join(directory, f"{name}.log")
+            log = RunLog(path, release_cache_every=every)
+            for _ in range(size // len(chunk)):
+                log.write(chunk)
+            # The kernel drops only pages already on disk; how many are when the run ends depends on
+            # the disk's speed. On disk all of them: then closing the log must let go of every one.
+            fsync_path(path)
+            log.close()
+            resident[name] = resident_bytes(path)
+            assert os.path.getsize(path) == size
+    finally:
+        shutil.rmtree(directory)
+
+    assert resident["kept"] > size // 2, resident  # without advice the kernel keeps the pages it was given
+    assert resident["released"] == 0, resident
 
 
 # ------------------------------------------------------------------------------------------------ time
