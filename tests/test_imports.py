@@ -34,6 +34,15 @@ def job_service_command() -> list[str]:
     return shlex.split(exec_start.removeprefix("ExecStart="))
 
 
+def job_service_environment() -> dict[str, str]:
+    """units/job@.service's Environment= assignments."""
+    unit = (REPO / "units" / "job@.service").read_text()
+    words = [
+        w for line in unit.splitlines() if line.startswith("Environment=") for w in shlex.split(line[12:])
+    ]
+    return dict(word.split("=", 1) for word in words)
+
+
 def test_job_service_starts_the_runner_without_runpy() -> None:
     # `python3 -m runner` is the same program, but runpy imports importlib.util and contextlib first.
     program, *options, instance = job_service_command()

@@ -111,6 +111,14 @@ def test_restrict_namespaces(probe: Probe) -> None:
         )
 
 
+def test_the_job_gets_only_the_environment_the_runner_builds(probe: Probe) -> None:
+    # Nothing of the runner's own (the unit's PYTHONPATH= and GLIBC_TUNABLES=, NOTIFY_SOCKET,
+    # LISTEN_FDS, INVOCATION_ID): the job's environment is built, not inherited.
+    job = {"PATH", "LANG", "HOME", "JOB_NAME", "JOB_RUN_ID", "JOB_OUTPUT_DIR", "CREDENTIALS_DIRECTORY"}
+    assert set(probe.inside["environment"]) == job
+    assert "PATH" in probe.outside["environment"]  # the probe does report what it was given
+
+
 def test_restrict_address_families(probe: Probe) -> None:
     assert probe.outside["netlink_socket"] == "ok"
     assert probe.inside["netlink_socket"] == "EAFNOSUPPORT"
