@@ -11,7 +11,7 @@ logs directory is) and the redaction of one 40-byte key and its encoded forms, a
 at a time. A client process reads and discards. Every figure is a median over the rounds (each round
 runs every variant once, in a new order), as a ratio to socat (-U, default 8 KiB buffer) moving the same
 bytes in the same run; "runner CPU" is this process's own CPU time per GiB (the job and the client are
-other processes).
+other processes). It runs with job@.service's malloc settings (its GLIBC_TUNABLES=), as the runner does.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from run import GIB, STREAM_COMMAND  # bench/ is this script's directory, so first on sys.path
 
 from runner import channel, execute, protocol, redact, runs
+from tests.test_imports import job_service_environment
 
 KEY = b"sk-bench-7f3a9c0de41b56a8d2e0c4f19b7a3e6d5c8f01"
 # The runner's variants: (write the run log, search for the key, let the log's page cache go).
@@ -138,7 +139,16 @@ def measure(variant: str, size: int, directory: str) -> tuple[float, float]:
     return run_runner(size, directory, log=log, key=key, release=release)
 
 
+def as_the_unit_starts_the_runner() -> None:
+    """Re-run this script with job@.service's malloc settings (GLIBC_TUNABLES=, read at process start)."""
+    tunables = job_service_environment()["GLIBC_TUNABLES"]
+    if os.environ.get("GLIBC_TUNABLES") != tunables:
+        env = {**os.environ, "GLIBC_TUNABLES": tunables}
+        os.execve(sys.executable, [sys.executable, *sys.argv], env)  # noqa: S606 - this same script, again
+
+
 def main() -> int:
+    as_the_unit_starts_the_runner()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--bytes", type=int, default=GIB, help="the job's output per run (default 1 GiB)")
     parser.add_argument("--rounds", type=int, default=5, help="runs of every variant (default 5)")
