@@ -59,10 +59,10 @@ def _point_latest(job_outputs: str, run_id: str) -> None:
 
 # A run log is written once and seldom read back, so past this many bytes the runner hands the pages it
 # has written back to the kernel (posix_fadvise DONTNEED: written to disk, then dropped from the page
-# cache). Without that, a job printing gigabytes fills the page cache with its log, evicting what other
-# processes use, and charges all of it to the unit's MemoryMax=; and filling ever fresh pages of cache made
-# the runner's CPU per GiB streamed 1.4-2.0 s instead of ~1.2 s on the test VMs (bench/stream.py, "log
-# kept in cache"). Smaller logs, nearly every run's, stay cached for whoever reads them next.
+# cache), and the same few pages serve the whole run. Without that, a job printing gigabytes fills the
+# page cache with its log, evicting what other processes use, and every new page costs: the runner's
+# CPU per GiB streamed was 1.4-2.0 s against 0.9-1.2 s on the test VMs (bench/stream.py, "log kept in
+# cache"). Smaller logs, nearly every run's, stay cached for whoever reads them next.
 RELEASE_CACHE_EVERY = 16 << 20
 
 
