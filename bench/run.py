@@ -69,6 +69,7 @@ try:
         store_credential,
     )
     from tests.e2e.container import DISTROS, Container
+    from tests.test_imports import environment_of
 except ImportError as e:  # conftest imports pytest
     sys.exit(f"bench: {e}: run it with the python3 the tests use (`make deps` installs pytest)")
 
@@ -260,13 +261,9 @@ FLOOR_SOCKETS = ("floor", "floor-python", "floor-contract", "floor-bare")
 
 
 def _runner_pythonpath(unit_lines: list[str]) -> str:
-    """The last PYTHONPATH= job@.service sets (drop-ins come after the unit, and the last one wins)."""
-    found = ""
-    for line in unit_lines:
-        if line.startswith("Environment="):
-            for word in shlex.split(line.removeprefix("Environment=")):
-                if word.startswith("PYTHONPATH="):
-                    found = word.removeprefix("PYTHONPATH=")
+    """The PYTHONPATH= job@.service sets, drop-ins included."""
+    values = [line.partition("=")[2] for line in unit_lines if line.startswith("Environment=")]
+    found = environment_of(values).get("PYTHONPATH")
     if not found:
         raise RuntimeError("job@.service sets no PYTHONPATH=")
     return found

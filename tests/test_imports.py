@@ -27,20 +27,27 @@ def imported_by(code: str) -> set[str]:
     return set(proc.stdout.split())
 
 
+def job_service_settings(key: str) -> list[str]:
+    """The values of units/job@.service's `KEY=` lines, in order."""
+    lines = (REPO / "units" / "job@.service").read_text().splitlines()
+    return [line.removeprefix(f"{key}=") for line in lines if line.startswith(f"{key}=")]
+
+
 def job_service_command() -> list[str]:
     """units/job@.service's ExecStart=, split into words."""
-    unit = (REPO / "units" / "job@.service").read_text()
-    exec_start = next(line for line in unit.splitlines() if line.startswith("ExecStart="))
-    return shlex.split(exec_start.removeprefix("ExecStart="))
+    (exec_start,) = job_service_settings("ExecStart")
+    return shlex.split(exec_start)
+
+
+def environment_of(assignments: list[str]) -> dict[str, str]:
+    """What a unit's Environment= values set, in systemd's order (a later one, a drop-in's, wins)."""
+    words = [word for value in assignments for word in shlex.split(value)]
+    return dict(word.split("=", 1) for word in words)
 
 
 def job_service_environment() -> dict[str, str]:
     """units/job@.service's Environment= assignments."""
-    unit = (REPO / "units" / "job@.service").read_text()
-    words = [
-        w for line in unit.splitlines() if line.startswith("Environment=") for w in shlex.split(line[12:])
-    ]
-    return dict(word.split("=", 1) for word in words)
+    return environment_of(job_service_settings("Environment"))
 
 
 def test_job_service_starts_the_runner_without_runpy() -> None:
