@@ -28,22 +28,30 @@ def main(argv: list[str]) -> int:
     if argv[1:2] in (["-h"], ["--help"]):
         sys.stdout.write(USAGE)
         return 0
+    front_door = argv[1:2] == [FRONT_DOOR]
+    job = argv[2 if front_door else 1] if len(argv) > (2 if front_door else 1) else None
     try:
-        mode = activation.detect_mode(argv[1] if len(argv) > 1 else None)
+        mode = activation.detect_mode(job)
     except RunnerError as e:
         sys.stderr.write(f"jobrunner: {e.message}\njobrunner: hint: {e.hint}\n")
         return e.exit_status
     if mode is activation.Mode.SOCKET:
-        return service.serve_connection(activation.take_connection())
-    return service.serve_operator(argv[1])
+        return service.serve_connection(activation.take_connection(), None if front_door else job)
+    return service.serve_operator(job or "", front_door=front_door)  # detect_mode: never without one
 
+
+FRONT_DOOR = "--front-door"
 
 USAGE = """\
-usage: python3 -m runner [JOBNAME]
+usage: python3 -m runner JOBNAME
+       python3 -m runner --front-door [INSTANCE]
 
 The service side of jobrunner. It is started by systemd, never by hand:
-  - by job.socket (Accept=yes) for each connection, which arrives as fd 3 (LISTEN_FDS=1);
-  - by `systemctl start job@JOBNAME` (operator mode): runs JOBNAME, output to the journal.
+  - JOBNAME: in the job's own units (generated from jobs.toml): by job-JOBNAME.socket for each
+    connection, which arrives as fd 3 (LISTEN_FDS=1), or by `systemctl start job@JOBNAME`
+    (operator mode: output to the journal). It runs JOBNAME and no other job.
+  - --front-door: in job@.service, started by job.socket for each connection to /run/job.sock:
+    answers `list`, and hands `run NAME` to job-NAME.socket. It holds no credential.
 Run jobs with `jobctl run NAME` (see `jobctl --help`).
 
 Exit status: the job's exit status (128+N if killed by signal N, 124 on timeout), or

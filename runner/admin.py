@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from datetime import datetime
 from typing import NoReturn
 
-from runner import creds
+from runner import apply, creds
+from runner.config import Config, Network, Sandbox, clean_path, config_path, parse_file
 from runner.config import check_config as check_and_cache
-from runner.config import clean_path, config_path
 from runner.errors import ConfigError, RunnerError
+from runner.units import unit_names
 
 EX_USAGE = 64
 EX_INTERRUPTED = 130
@@ -23,15 +25,16 @@ exit status:
   66   creds rm: no such credential
   69   systemd-creds or systemctl is missing or failed
   70   internal error
-  74   reading or writing the credential store or a drop-in failed
+  74   reading or writing the credential store failed
   77   permission denied (creds set and rm need root; creds list needs to read the root-only store)
-  78   check: the configuration is invalid
+  78   check, reload: the configuration is invalid
   130  interrupted
 """
 
 CREDS_DESCRIPTION = """\
-Store the secrets (API keys) that jobs use, encrypted with systemd-creds, and make job@.service load
-them with LoadCredentialEncrypted=. Values are never shown, and never decrypted by this command.
+Store the secrets (API keys) that jobs use, encrypted with systemd-creds. The units of a job that names
+a credential in its `credentials` (jobs.toml) load it with LoadCredentialEncrypted=; no other unit does.
+Values are never shown, and never decrypted by this command.
 """
 
 CREDS_EPILOG = f"""\
@@ -39,10 +42,10 @@ files:
   {creds.CREDSTORE}/NAME
       the encrypted value; the directory is 0700 and the files 0600, root's
   {creds.DROPIN_DIR}/{creds.DROPIN_PREFIX}NAME{creds.DROPIN_SUFFIX}
-      the drop-in: LoadCredentialEncrypted=NAME:{creds.CREDSTORE}/NAME
+      a legacy drop-in of earlier versions, which loaded NAME into every run: set and rm remove it
 
 environment:
-  JOBRUNNER_ROOT  prefix for both paths (default /), for tests and image builds; systemd-creds
+  JOBRUNNER_ROOT  prefix for these paths (default /), for tests and image builds; systemd-creds
                   still encrypts with this machine's key (and creates it if missing)
 
 exit status:
@@ -50,17 +53,17 @@ exit status:
   64   usage error, or an invalid credential NAME
   65   creds set: the secret was refused (empty, under 8 bytes, over 1 MiB, or the entries differ)
   66   creds rm: no such credential
-  69   systemd-creds or systemctl is missing or failed
+  69   systemd-creds is missing or failed
   70   internal error
-  74   reading or writing the credential store or a drop-in failed
+  74   reading or writing the credential store failed
   77   not root (set, rm), or the root-only store cannot be read (list)
   130  interrupted
 """
 
 SET_DESCRIPTION = f"""\
 Encrypt a secret as credential NAME with `systemd-creds encrypt` (TPM2 and the host key where a TPM2
-exists, the host key otherwise) into {creds.CREDSTORE}/NAME, and add the drop-in that makes
-job@.service load it. An existing NAME is replaced. Must be run as root.
+exists, the host key otherwise) into {creds.CREDSTORE}/NAME, where the units of the jobs that name it
+load it from at their next start. An existing NAME is replaced. Must be run as root.
 
 The secret is read from standard input when that is not a terminal, as in
   jobrunner creds set NAME < keyfile
@@ -116,8 +119,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="print nothing when the file is valid, and not what is wrong when it is not (for "
         "jobrunner-config.service: the journal must not quote a file that may hold a pasted key)",
     )
+    _add_no_reload(check, "do not bring the jobs' units in line afterwards (see `jobrunner reload`)")
     check.set_defaults(func=check_config, config=None)
-    check.description = f"Validate the job configuration (default {config_path()}) and list its jobs."
+    check.description = (
+        f"Validate the job configuration (default {config_path()}), list its jobs with their units and "
+        "credentials, and, as root on a host that runs systemd, bring the jobs' units in line with it "
+        "(as `jobrunner reload` does)."
+    )
+    reload = commands.add_parser(
+        "reload",
+        help="bring the jobs' units in line with jobs.toml (root)",
+        description="Regenerate the jobs' units from jobs.toml (systemctl daemon-reload runs jobrunner's "
+        "generator), start the sockets of new jobs and stop those of removed jobs. Runs in progress go on. "
+        "jobrunner-config.path does this on every change of jobs.toml.",
+    )
+    reload.set_defaults(func=reload_units)
     _add_creds(commands)
     return parser
 
@@ -139,14 +155,14 @@ def _add_creds(commands: argparse._SubParsersAction[_Parser]) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     set_.add_argument("name", metavar="NAME", help="the credential name, as used in jobs.toml")
-    _add_no_reload(set_)
+    _add_no_reload(set_, "accepted for scripts written for earlier versions; nothing needs a reload now")
     set_.set_defaults(func=creds_set)
 
     list_ = actions.add_parser(
         "list",
         help="list the stored credentials: names, sizes, dates, never values",
         description="List the stored credentials: name, size of the encrypted file, when it was last set,\n"
-        "and whether job@.service loads it (has a drop-in). Never shows or decrypts a value.",
+        "and the jobs that use it (jobs.toml). Never shows or decrypts a value.",
         epilog=CREDS_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -154,22 +170,19 @@ def _add_creds(commands: argparse._SubParsersAction[_Parser]) -> None:
 
     rm = actions.add_parser(
         "rm",
-        help="remove credential NAME and its drop-in (root)",
-        description="Remove credential NAME: its encrypted file and its job@.service drop-in.",
+        help="remove credential NAME (root)",
+        description="Remove credential NAME: its encrypted file. The jobs that still name it then fail\n"
+        "to start with an error that names it (the others are not affected).",
         epilog=CREDS_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     rm.add_argument("name", metavar="NAME")
-    _add_no_reload(rm)
+    _add_no_reload(rm, "accepted for scripts written for earlier versions; nothing needs a reload now")
     rm.set_defaults(func=creds_rm)
 
 
-def _add_no_reload(parser: _Parser) -> None:
-    parser.add_argument(
-        "--no-reload",
-        action="store_true",
-        help="do not run `systemctl daemon-reload` afterwards (skipped anyway when systemd is not running)",
-    )
+def _add_no_reload(parser: _Parser, help_text: str) -> None:
+    parser.add_argument("--no-reload", action="store_true", help=help_text)
 
 
 def check_config(args: argparse.Namespace) -> int:
@@ -194,12 +207,74 @@ def check_config(args: argparse.Namespace) -> int:
     print(f"{config.path}: ok, {len(config.jobs)} job(s); project {config.project}")
     if cache and not cache_error:
         print(f"  parsed copy for connections: {cache}")
+    stored = _stored_names()
     for job in config.jobs.values():
-        extras = [f"credentials: {', '.join(job.credentials)}"] if job.credentials else []
+        extras = [f"network: {_network(job.sandbox)}"]
+        if job.credentials:
+            shown = [c if stored is None or c in stored else f"{c} (NOT STORED)" for c in job.credentials]
+            extras.append(f"credentials: {', '.join(shown)}")
         if job.allowed_groups:
             extras.append(f"groups: {', '.join(job.allowed_groups)}")
         print(f"  {job.name:<20} {job.description}" + (f" ({'; '.join(extras)})" if extras else ""))
+        print(f"  {'':<20} units: {', '.join(unit_names(job.name))}")
+    for job in config.jobs.values():
+        for name in job.credentials:
+            if stored is not None and name not in stored:
+                _warn(
+                    f"job '{job.name}' names credential '{name}', which is not stored: its runs fail until "
+                    f"`sudo jobrunner creds set {name}`"
+                )
+    if not args.no_reload and _may_apply(args):
+        _apply(config)
     return 0
+
+
+def reload_units(args: argparse.Namespace) -> int:
+    creds.require_root("jobrunner reload")
+    if not apply.systemd_running():
+        raise apply.SystemdError("systemd is not running on this machine", "nothing to reload")
+    _apply(parse_file(config_path()))
+    return 0
+
+
+def _may_apply(args: argparse.Namespace) -> bool:
+    """Only for the system's configuration, as root, where systemd runs: `check --config FILE` and a
+    developer's check change nothing."""
+    return args.config in (None, config_path()) and os.geteuid() == 0 and apply.systemd_running()
+
+
+def _apply(config: Config) -> None:
+    for line in apply.apply_units(config):
+        print(f"  {line}")
+
+
+def _network(sandbox: Sandbox) -> str:
+    if sandbox.network is Network.LISTED:
+        return " ".join(sandbox.addresses)
+    return str(sandbox.network)
+
+
+def _stored_names() -> set[str] | None:
+    """The names of the stored credentials, or None when the store cannot be read (not root)."""
+    try:
+        return {
+            c.name for c in creds.CredentialStore.from_environment().list_credentials() if c.size is not None
+        }
+    except RunnerError:
+        return None
+
+
+def _jobs_using() -> dict[str, list[str]]:
+    """credential name -> the jobs that name it; empty when jobs.toml cannot be read."""
+    try:
+        config = parse_file(config_path())
+    except RunnerError:
+        return {}
+    users: dict[str, list[str]] = {}
+    for job in config.jobs.values():
+        for name in job.credentials:
+            users.setdefault(name, []).append(job.name)
+    return users
 
 
 def creds_set(args: argparse.Namespace) -> int:
@@ -214,10 +289,12 @@ def creds_set(args: argparse.Namespace) -> int:
         _note(note)
     print(f"{'Replaced' if result.replaced else 'Stored'} credential '{name}' in {result.path}")
     print(f"  encrypted by {result.key}")
-    print(f"  drop-in {result.dropin}: LoadCredentialEncrypted={name}")
-    _reload(args, "job@.service loads the new value from its next start")
-    print(f"To use it in a job, add to the job's table in {config_path()}:")
-    print(f'  credentials = ["{name}"]')
+    users = _jobs_using().get(name)
+    if users:
+        print(f"  used by: {', '.join(users)} (from their next run on)")
+    else:
+        print(f"No job uses it yet. To use it in a job, add to the job's table in {config_path()}:")
+        print(f'  credentials = ["{name}"]')
     return 0
 
 
@@ -227,25 +304,30 @@ def creds_list(args: argparse.Namespace) -> int:
     if not stored:
         print(f"no credentials in {store.directory}")
         return 0
-    rows = [("NAME", "SIZE", "MODIFIED", "DROP-IN")]
+    users = _jobs_using()
+    rows = [("NAME", "SIZE", "MODIFIED", "JOBS")]
     for c in stored:
         size = "-" if c.size is None else str(c.size)
         modified = "-" if c.modified is None else _date(c.modified)
-        rows.append((c.name, size, modified, "yes" if c.has_dropin else "no"))
+        rows.append((c.name, size, modified, ", ".join(users.get(c.name, [])) or "-"))
     width = max(len(r[0]) for r in rows)
     size_width = max(len(r[1]) for r in rows)
-    for name, size, modified, dropin in rows:
-        print(f"{name:<{width}}  {size:>{size_width}}  {modified:<25}  {dropin}")
+    for name, size, modified, jobs in rows:
+        print(f"{name:<{width}}  {size:>{size_width}}  {modified:<25}  {jobs}")
     for c in stored:
         if c.size is None:
+            _warn(f"'{c.name}' has a legacy drop-in but no encrypted file: `jobrunner creds rm {c.name}`")
+        elif c.has_dropin:
             _warn(
-                f"'{c.name}' has a drop-in but no encrypted file: job@.service cannot start; "
-                f"`jobrunner creds set {c.name}` or `jobrunner creds rm {c.name}`"
+                f"'{c.name}' has a legacy drop-in ({store.dropin(c.name)}) that loads it into every "
+                f"run: `sudo jobrunner creds set {c.name}` or install.sh removes it"
             )
-        elif not c.has_dropin:
-            _note(f"'{c.name}' has no drop-in, so no job gets it; `jobrunner creds set {c.name}` adds one")
+        elif c.name not in users:
+            _note(f"no job uses '{c.name}' (no `credentials` in jobs.toml names it)")
         if c.mode is not None and c.mode & 0o077:
             _warn(f"{store.directory / c.name} has mode {c.mode:04o}: make it 0600 (chmod 600)")
+    for name in sorted(set(users) - {c.name for c in stored if c.size is not None}):
+        _warn(f"job(s) {', '.join(users[name])} name credential '{name}', which is not stored")
     return 0
 
 
@@ -254,19 +336,13 @@ def creds_rm(args: argparse.Namespace) -> int:
     name = creds.check_name(args.name)
     for path in creds.CredentialStore.from_environment().remove(name):
         print(f"removed {path}")
-    _reload(args, f"job@.service no longer loads '{name}'")
+    users = _jobs_using().get(name)
+    if users:
+        _warn(
+            f"job(s) {', '.join(users)} still name '{name}' in {config_path()}: their runs fail (saying so) "
+            f"until it is stored again or removed from their `credentials`; other jobs are not affected"
+        )
     return 0
-
-
-def _reload(args: argparse.Namespace, effect: str) -> None:
-    if args.no_reload:
-        _note("systemd not reloaded (--no-reload): run `systemctl daemon-reload` for the change to apply")
-        return
-    warning = creds.reload_systemd()
-    if warning:
-        _warn(warning)
-    else:
-        print(f"  systemd reloaded: {effect}")
 
 
 def _date(timestamp: float) -> str:

@@ -69,6 +69,33 @@ class Concurrency(enum.StrEnum):
         return self is not Concurrency.PARALLEL
 
 
+class Network(enum.StrEnum):
+    ANY = "any"  # every address but link-local and multicast (the template's allow-list)
+    NONE = "none"  # no network at all: a network namespace of its own, AF_UNIX only
+    LISTED = "listed"  # only the addresses and prefixes in Sandbox.addresses
+
+
+class Sandbox(Value):
+    """What a job's own units get beyond the shared template (runner.units writes them). Not used by
+    the runner itself: systemd applies them before the runner starts."""
+
+    __slots__ = ("addresses", "jit", "memory_max", "network", "tasks_max")
+
+    def __init__(
+        self,
+        network: Network = Network.ANY,
+        addresses: tuple[str, ...] = (),  # with Network.LISTED: IPAddressAllow= entries
+        memory_max: str | None = None,  # MemoryMax=; None: install.sh's default
+        tasks_max: str | None = None,  # TasksMax=; None: install.sh's default
+        jit: bool = False,  # MemoryDenyWriteExecute=no
+    ) -> None:
+        self.network = network
+        self.addresses = addresses
+        self.memory_max = memory_max
+        self.tasks_max = tasks_max
+        self.jit = jit
+
+
 class Job(Value):
     __slots__ = (
         "allowed_groups",
@@ -79,6 +106,7 @@ class Job(Value):
         "description",
         "env",
         "name",
+        "sandbox",
         "timeout_s",
         "workdir",
     )
@@ -95,6 +123,7 @@ class Job(Value):
         credentials: tuple[str, ...],  # every credential the job uses, including env references
         allowed_groups: tuple[str, ...],  # empty: anyone who can reach the socket
         concurrency: Concurrency,
+        sandbox: Sandbox | None = None,
     ) -> None:
         self.name = name
         self.command = command
@@ -106,6 +135,7 @@ class Job(Value):
         self.credentials = credentials
         self.allowed_groups = allowed_groups
         self.concurrency = concurrency
+        self.sandbox = sandbox or Sandbox()
 
     def accepts_arguments(self) -> bool:
         return self.args_pattern is not None
@@ -155,6 +185,10 @@ JOB_KEYS = (
     "credentials",
     "allowed_groups",
     "concurrency",
+    "network",
+    "memory_max",
+    "tasks_max",
+    "jit",
 )
 
 
@@ -187,6 +221,12 @@ def load_config(path: str | None = None) -> Config:
         return parse_config(_parse_toml(source, path), path)
     # The check that wrote the copy compiled every `args` pattern: they are compiled when used.
     return parse_config(data, path, compile_patterns=False)
+
+
+def parse_file(path: str) -> Config:
+    """The configuration in `path`, parsed and checked in full with tomllib (never the parsed copy)."""
+    source, _ = _read(path)
+    return parse_config(_parse_toml(source, path), path)
 
 
 # An edit made while jobrunner-config.service is checking does not start it again (systemd merges the
@@ -335,6 +375,7 @@ def _parse_job(name: str, table: Any, path: str, project: str, compile_patterns:
         credentials=tuple(credentials),
         allowed_groups=tuple(_string_list(table, "allowed_groups", where)),
         concurrency=_concurrency(table, where),
+        sandbox=_sandbox(table, where, thorough=compile_patterns),
     )
 
 
@@ -422,6 +463,85 @@ def _concurrency(table: Mapping[str, Any], where: str) -> Concurrency:
         raise ConfigError(
             f"{where}: key 'concurrency' must be one of {', '.join(Concurrency)}, not {value!r}", ""
         ) from None
+
+
+def _sandbox(table: Mapping[str, Any], where: str, *, thorough: bool) -> Sandbox:
+    """The keys that shape the job's own units: network, memory_max, tasks_max, jit. `thorough`: parse
+    every address with `ipaddress` (jobrunner check and the generator); connections trust the parsed
+    copy that such a check wrote, and skip that import."""
+    network, addresses = _network(table.get("network", Network.ANY.value), where, thorough)
+    jit = table.get("jit", False)
+    if not isinstance(jit, bool):
+        raise ConfigError(f"{where}: key 'jit' must be true or false, not {_type(jit)}", "")
+    return Sandbox(
+        network=network,
+        addresses=addresses,
+        memory_max=_limit(table, "memory_max", where, MEMORY_SUFFIXES, 'e.g. memory_max = "2G"'),
+        tasks_max=_limit(table, "tasks_max", where, "", "e.g. tasks_max = 256"),
+        jit=jit,
+    )
+
+
+NETWORK_HINT = 'network = "any" (the default), "none", or a list such as ["192.0.2.10", "2001:db8::/32"]'
+
+
+def _network(value: Any, where: str, thorough: bool) -> tuple[Network, tuple[str, ...]]:
+    if isinstance(value, str):
+        if value in (Network.ANY, Network.NONE):
+            return Network(value), ()
+        raise ConfigError(
+            f'{where}: key \'network\' must be "any", "none" or a list of addresses', NETWORK_HINT
+        )
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(
+            f"{where}: key 'network' must be a string or a list of strings, not {_type(value)}", ""
+        )
+    if not value:
+        raise ConfigError(
+            f"{where}: key 'network' is an empty list", 'for no network at all: network = "none"'
+        )
+    if thorough:
+        return Network.LISTED, tuple(_ip_prefix(v, where) for v in value)
+    return Network.LISTED, tuple(value)
+
+
+def _ip_prefix(entry: str, where: str) -> str:
+    """An address or a CIDR prefix, as systemd's IPAddressAllow= takes it (written the canonical way)."""
+    import ipaddress  # jobrunner check and the generator only: connections trust the checked copy
+
+    try:
+        return str(ipaddress.ip_network(entry, strict=True))
+    except ValueError as e:
+        raise ConfigError(
+            f"{where}: key 'network': {_short_value(entry)} is not an IP address or prefix ({e})",
+            "write addresses (192.0.2.10, 2001:db8::1) or prefixes (10.0.0.0/8), not host names: "
+            "a job's firewall is set when its unit starts, before any name is resolved",
+        ) from None
+
+
+MEMORY_SUFFIXES = "KMGT"
+
+
+def _limit(table: Mapping[str, Any], key: str, where: str, suffixes: str, example: str) -> str | None:
+    """A whole number above 0 (with one of `suffixes`, or as a string), or "infinity", as systemd takes
+    it; None when the key is absent (the default from install.sh applies)."""
+    if key not in table:
+        return None
+    value = table[key]
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return str(value)
+    if isinstance(value, str):
+        number = value[:-1] if value[-1:] in suffixes and suffixes else value
+        if value == "infinity" or (number.isdigit() and number.isascii() and int(number) > 0):
+            return value
+    allowed = f'a whole number above 0{" (optionally with K, M, G or T)" if suffixes else ""} or "infinity"'
+    raise ConfigError(f"{where}: key {key!r} must be {allowed}", example)
+
+
+def _short_value(value: str) -> str:
+    """A value for a message: at most 40 characters of it (a key pasted in the wrong place is not
+    quoted whole)."""
+    return repr(value) if len(value) <= 40 else repr(value[:37]) + "..."
 
 
 def _type(value: object) -> str:

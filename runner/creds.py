@@ -1,10 +1,14 @@
-"""The encrypted credential store behind `jobrunner creds`, and the job@.service drop-ins that load it.
+"""The encrypted credential store behind `jobrunner creds`.
 
-A credential NAME is two files, relative to `$JOBRUNNER_ROOT` (default "/"; tests point it elsewhere):
+A credential NAME is one file, relative to `$JOBRUNNER_ROOT` (default "/"; tests point it elsewhere):
 
-    /etc/credstore.encrypted/NAME                               the value, encrypted by systemd-creds;
-                                                                directory 0700 and file 0600, root's
-    /etc/systemd/system/job@.service.d/50-credential-NAME.conf  LoadCredentialEncrypted=NAME:<that file>
+    /etc/credstore.encrypted/NAME     the value, encrypted by systemd-creds; directory 0700, file 0600,
+                                      root's
+
+Which units load it is up to jobs.toml: the units of each job that names it in `credentials` carry
+LoadCredentialEncrypted=NAME:<that file> (runner/units.py), and no other unit does. Earlier versions
+loaded every credential into every run with a drop-in, job@.service.d/50-credential-NAME.conf (a
+"legacy drop-in" here): `creds set` and `rm` remove it, and install.sh removes them all.
 
 The plaintext travels only through a pipe into `systemd-creds encrypt --name=NAME - -`, whose output goes
 straight into a 0600 file created here and then renamed into place: never a plaintext file, never argv,
@@ -28,7 +32,6 @@ from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
 from runner.config import CREDENTIAL_NAME
-from runner.credentials import UNAVAILABLE
 from runner.errors import CredentialStoreError
 
 # sysexits(3)
@@ -78,14 +81,13 @@ class StoredCredential:
     size: int | None  # of the encrypted file; None: only the drop-in exists
     modified: float | None  # the encrypted file's mtime
     mode: int | None  # the encrypted file's permission bits
-    has_dropin: bool
+    has_dropin: bool  # a legacy drop-in loads it into every unit of job@.service
 
 
 @dataclass(frozen=True, slots=True)
 class StoreResult:
     name: str
     path: Path
-    dropin: Path
     replaced: bool
     key: str  # how it was encrypted, as a phrase: "systemd-creds with the host key (...)"
     notes: tuple[str, ...]  # worth telling the administrator, not failures
@@ -181,17 +183,6 @@ def require_program(program: str) -> None:
         )
 
 
-def dropin_text(name: str) -> str:
-    return (
-        f"# Written by `jobrunner creds set {name}`; removed by `jobrunner creds rm {name}`.\n"
-        "[Service]\n"
-        f"LoadCredentialEncrypted={name}:{CREDSTORE / name}\n"
-        "# Used by systemd only when the file above is missing, so the runner can say so (see\n"
-        "# runner/credentials.py); never passed to a job as a key.\n"
-        f"SetCredential={name}:{UNAVAILABLE.decode()}\n"
-    )
-
-
 class CredentialStore:
     """The credential store and drop-ins under `root` ("/" in production)."""
 
@@ -234,8 +225,9 @@ class CredentialStore:
         finally:
             _unlink_quietly(tmp)
         _fsync_directory(self.directory)
-        dropin = self._write_dropin(name)
-        return StoreResult(name, path, dropin, replaced, describe_key(key), tuple(notes))
+        if self.remove_legacy_dropin(name):
+            notes.append(f"removed {self.dropin(name)}: it loaded '{name}' into every run of every job")
+        return StoreResult(name, path, replaced, describe_key(key), tuple(notes))
 
     def _ensure_directory(self) -> list[str]:
         """The store exists, as a directory only root can enter (systemd-creds does not see to that)."""
@@ -287,29 +279,15 @@ class CredentialStore:
             os.close(fd)
         return [f"systemd-creds: {line}" for line in said.splitlines() if line.strip()]
 
-    def _write_dropin(self, name: str) -> Path:
-        path = self.dropin(name)
-        tmp = self.dropin_dir / f"{TMP_PREFIX}{secrets.token_hex(8)}"
+    def remove_legacy_dropin(self, name: str) -> bool:
+        """Remove job@.service.d/50-credential-NAME.conf if there is one (see the module's docstring)."""
         try:
-            self.dropin_dir.parent.mkdir(parents=True, exist_ok=True)  # /etc/systemd/system: there already
-            try:
-                os.mkdir(self.dropin_dir, 0o755)
-            except FileExistsError:
-                pass
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
-            try:
-                os.fchmod(fd, 0o644)
-                os.write(fd, dropin_text(name).encode())
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, path)
+            self.dropin(name).unlink()
+        except FileNotFoundError:
+            return False
         except OSError as e:
-            raise _io_error(e, path) from None
-        finally:
-            _unlink_quietly(tmp)
-        _fsync_directory(self.dropin_dir)
-        return path
+            raise _io_error(e, self.dropin(name)) from None
+        return True
 
     # --------------------------------------------------------------------------------------- list
 
@@ -374,31 +352,6 @@ class CredentialStore:
                 exit_status=EX_NOINPUT,
             )
         return removed
-
-
-def reload_systemd() -> str | None:
-    """`systemctl daemon-reload`, so that job@.service sees a changed drop-in.
-
-    Returns a warning instead when systemd is not the running init (a chroot, an image build, a container
-    without systemd): the drop-in then takes effect at its next start.
-    """
-    if shutil.which("systemctl", path=_env()["PATH"]) is None:
-        return "systemctl not found, so systemd was not reloaded; run `systemctl daemon-reload` if it runs"
-    state = _spawn(["systemctl", "is-system-running"], timeout=SYSTEMCTL_TIMEOUT_S)
-    if state.stdout.decode(errors="replace").strip() in ("offline", ""):
-        return (
-            "systemd is not running here (PID 1 is not systemd), so it was not reloaded; the drop-in "
-            "takes effect when it starts"
-        )
-    res = _spawn(["systemctl", "daemon-reload"], timeout=SYSTEMCTL_TIMEOUT_S)
-    if res.returncode != 0:
-        said = res.stderr.decode(errors="replace").strip()
-        raise CredentialStoreError(
-            f"systemctl daemon-reload failed ({_status(res.returncode)})" + (f": {said}" if said else ""),
-            "the files are in place; run `systemctl daemon-reload` once that works",
-            exit_status=EX_UNAVAILABLE,
-        )
-    return None
 
 
 def describe_key(key_id: str) -> str:

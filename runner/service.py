@@ -1,8 +1,14 @@
 """One request, start to finish: who is asking, for what, may they, then run the job and report.
 
-Both ways in share `run_job`: a socket connection (`serve_connection`) and an operator's
-`systemctl start job@NAME` (`serve_operator`). Every failure is a RunnerError that becomes one final
-`error` event (redacted) and a sysexits status; nothing here prints a traceback to a client.
+The same code serves two kinds of unit (runner.units writes them from jobs.toml):
+- the front door, job@.service, started by job.socket for each connection to /run/job.sock: it holds
+  no credential, answers `list`, refuses what it can, and hands `run NAME` to the job's own socket
+  (runner.handoff);
+- a job's own units, job-NAME@.service (job-NAME.socket: a connection, direct or handed over) and
+  job@NAME.service (an operator's `systemctl start job@NAME`): they load that job's credentials and
+  no other, and run that job and no other.
+Both kinds of run share `run_job`. Every failure is a RunnerError that becomes one final `error` event
+(redacted) and a sysexits status; nothing here prints a traceback to a client.
 """
 
 from __future__ import annotations
@@ -10,10 +16,19 @@ from __future__ import annotations
 import os
 import time
 
-from runner import credentials, execute, journal, limits, lock, notify
+from runner import credentials, execute, handoff, journal, limits, lock, notify
 from runner.channel import ClientChannel, ConsoleChannel
 from runner.config import load_config
-from runner.errors import ArgumentsError, InternalError, RunnerError, UnknownJobError
+from runner.errors import (
+    ArgumentsError,
+    BusyError,
+    ConfigError,
+    CredentialError,
+    InternalError,
+    RequestError,
+    RunnerError,
+    UnknownJobError,
+)
 from runner.peer import check_allowed, operator_peer, read_peer, user_name
 from runner.protocol import (
     ExitReport,
@@ -59,22 +74,30 @@ class Context(Value):
         return cls(secrets=secrets, redactor=Redactor(plain + encoded))
 
 
-def serve_connection(conn: _socket.socket) -> int:
-    """Serve one connection from job.socket; return the runner's exit status."""
+def serve_connection(conn: _socket.socket, job_name: str | None) -> int:
+    """Serve one connection; return the runner's exit status. `job_name`: the job whose unit this is
+    (job-NAME.socket), or None for the front door (job.socket)."""
     context = Context.load()
     received = bytearray()
     reply = Reply(Form.TEXT)
     channel: ClientChannel | None = None
     try:
+        if job_name is not None:
+            conn = handoff.receive(conn, received)  # the client's own connection, if handed over
         line = read_request_line(conn, received)
         reply = Reply(guess_form(line))
         request = parse_request(line)
         peer = read_peer(conn)
         config = load_config()
-        channel = ClientChannel(conn, reply)
-        if request.op == "list":
+        if request.op == "list" and job_name is None:
+            channel = ClientChannel(conn, reply)
             channel.send_final(reply.jobs(_visible_jobs(config, peer)))
             return 0
+        if job_name is None:
+            _hand_over(config, request, peer, conn, line)
+            return 0
+        _check_own_job(request, job_name)
+        channel = ClientChannel(conn, reply)
         return run_job(config, request, peer, context, channel).outcome.exit_code
     except NoRequest:
         journal.log("the client closed the connection without a request", journal.PRIORITY_DEBUG)
@@ -93,8 +116,10 @@ def serve_connection(conn: _socket.socket) -> int:
             conn.close()
 
 
-def serve_operator(job_name: str) -> int:
-    """`systemctl start job@NAME`: run the job with output to the journal; exit with the job's status."""
+def serve_operator(job_name: str, *, front_door: bool = False) -> int:
+    """`systemctl start job@NAME`: run the job with output to the journal; exit with the job's status.
+    `front_door`: the template job@.service was started, not the job's own job@NAME.service, so there
+    is no such job (or its units were not generated yet): say which."""
     context = Context.load()
     reply = Reply(Form.TEXT)
 
@@ -103,13 +128,72 @@ def serve_operator(job_name: str) -> int:
 
     try:
         request = parse_request(f"run {job_name}".encode())
-        result = run_job(load_config(), request, operator_peer(), context, ConsoleChannel())
+        config = load_config()
+        if front_door:
+            _missing_units(config, request.job, f"job@{request.job}.service")
+        result = run_job(config, request, operator_peer(), context, ConsoleChannel())
         to_stderr(reply.exit(_exit_report(request.job, result)))
         return result.outcome.exit_code
     except Exception as e:
         error = e if isinstance(e, RunnerError) else _internal_error(context.redactor)
         _report_error(error, context.redactor, to_stderr, reply)
         return error.exit_status
+
+
+def _hand_over(config: Config, request: Request, peer: Peer, client: _socket.socket, line: bytes) -> None:
+    """The front door's `run NAME`: refuse an unknown job or a caller outside its allowed_groups without
+    starting the job's unit (no credential is decrypted for them), then hand the connection over."""
+    job = config.jobs.get(request.job)
+    if job is None:
+        raise UnknownJobError(f"no job named {request.job!r}", "see the jobs you may run with: jobctl list")
+    check_allowed(peer, job.name, job.allowed_groups)
+    # Arguments are checked by the job's unit, whose error can quote them redacted with its keys: this
+    # process holds none, and an argument may be a key pasted by mistake.
+    try:
+        handoff.hand_over(client, line, handoff.job_socket(job.name))
+    except handoff.HandoffRefused as refused:
+        if not refused.reachable:
+            _missing_units(config, job.name, handoff.job_socket(job.name))
+        raise _not_started(job) from None
+    journal.log(f"handed a run of job {job.name} to job-{job.name}.socket", journal.PRIORITY_DEBUG)
+
+
+def _not_started(job: Job) -> RunnerError:
+    """What to tell a client whose run systemd would not start in the job's unit."""
+    units = f"journalctl -u 'job-{job.name}@*' -n 20"
+    if not job.credentials:
+        return BusyError(
+            f"job '{job.name}' did not start: its socket is at its connection limit, or its unit failed",
+            f"try again; if it persists, an administrator can see why with: {units}",
+        )
+    names = ", ".join(repr(name) for name in job.credentials)
+    which = f"its credential {names}" if len(job.credentials) == 1 else f"one of its credentials ({names})"
+    return CredentialError(
+        f"job '{job.name}' did not start: systemd could not load {which}: corrupt, expired, or "
+        "encrypted for another machine (or the job's socket is at its connection limit)",
+        f"an administrator can see which with: {units}; then store it again: "
+        f"sudo jobrunner creds set {job.credentials[0] if len(job.credentials) == 1 else 'NAME'}",
+    )
+
+
+def _missing_units(config: Config, job_name: str, what: str) -> None:
+    """A job without units of its own: unknown, or added to jobs.toml since they were generated."""
+    if job_name not in config.jobs:
+        raise UnknownJobError(f"no job named {job_name!r}", "see the jobs you may run with: jobctl list")
+    raise ConfigError(
+        f"job '{job_name}' has no units of its own yet ({what} is missing)",
+        "an administrator generates them: sudo jobrunner check (jobrunner-config.path does it on "
+        "every edit of jobs.toml)",
+    )
+
+
+def _check_own_job(request: Request, job_name: str) -> None:
+    """A job's socket runs that job only; `list` and other jobs are the front door's."""
+    if request.op != "run" or request.job != job_name:
+        raise RequestError(
+            f"this is job '{job_name}''s own socket: it runs '{job_name}' and nothing else",
+            "send other requests to the front door, /run/job.sock (jobctl does)",
+        )
 
 
 class RunResult(Value):

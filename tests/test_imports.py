@@ -27,15 +27,18 @@ def imported_by(code: str) -> set[str]:
     return set(proc.stdout.split())
 
 
-def job_service_settings(key: str) -> list[str]:
-    """The values of units/job@.service's `KEY=` lines, in order."""
-    lines = (REPO / "units" / "job@.service").read_text().splitlines()
+JOB_UNIT_TEMPLATE = REPO / "units" / "job-NAME@.service.in"  # every job's units are made from it
+
+
+def job_service_settings(key: str, unit: Path = JOB_UNIT_TEMPLATE) -> list[str]:
+    """The values of a unit's `KEY=` lines (by default the jobs' template), in order."""
+    lines = unit.read_text().splitlines()
     return [line.removeprefix(f"{key}=") for line in lines if line.startswith(f"{key}=")]
 
 
-def job_service_command() -> list[str]:
-    """units/job@.service's ExecStart=, split into words."""
-    (exec_start,) = job_service_settings("ExecStart")
+def job_service_command(unit: Path = JOB_UNIT_TEMPLATE) -> list[str]:
+    """A unit's ExecStart= (by default the jobs' template), split into words."""
+    (exec_start,) = job_service_settings("ExecStart", unit)
     return shlex.split(exec_start)
 
 
@@ -46,14 +49,17 @@ def environment_of(assignments: list[str]) -> dict[str, str]:
 
 
 def job_service_environment() -> dict[str, str]:
-    """units/job@.service's Environment= assignments."""
+    """The jobs' template's Environment= assignments."""
     return environment_of(job_service_settings("Environment"))
 
 
 def test_job_service_starts_the_runner_without_runpy() -> None:
     # `python3 -m runner` is the same program, but runpy imports importlib.util and contextlib first.
-    program, *options, instance = job_service_command()
-    assert (program, instance) == ("/usr/bin/python3", "%i")
+    program, *options, job = job_service_command()
+    assert (program, job) == ("/usr/bin/python3", "@JOB@")
+    # The front door starts the same way, with its own arguments.
+    front_door = job_service_command(REPO / "units" / "job@.service")
+    assert front_door[:-2] == [program, *options] and front_door[-2:] == ["--front-door", "%i"]
     proc = subprocess.run(
         [sys.executable, "-X", "importtime", *options, "--help"],
         env={**os.environ, "PYTHONPATH": str(REPO)},

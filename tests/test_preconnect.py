@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 
 from tests.test_jobctl import REPO, clean_env
+from tests.test_jobctl_direct import Server
 from trigger import jobctl
-from trigger.preconnect import EarlyConnection
+from trigger.preconnect import EarlyConnection, guess_job, job_socket, valid_job_name
 
 
 class Listener:
@@ -149,3 +150,116 @@ def test_the_command_connects_before_it_imports_argparse_and_json(listener: List
     assert proc.returncode == 0
     assert listener.connections(1) == [b'{"op": "list"}\n']
     assert len(listener.received) == 1
+
+
+# --- which socket: the job's own, or the main one -----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("main", "job", "path"),
+    [
+        ("/run/job.sock", "build", "/run/job/build.sock"),
+        ("/tmp/x/jobs.sock", "build", "/tmp/x/jobs/build.sock"),
+        ("relative.sock", "a_b-1", "relative/a_b-1.sock"),
+        ("/run/job", "build", "/run/job.d/build.sock"),
+        ("/run/job.socket", "build", "/run/job.socket.d/build.sock"),
+        ("/run/sock", "build", "/run/sock.d/build.sock"),
+    ],
+)
+def test_job_socket_is_derived_from_the_main_socket(main: str, job: str, path: str) -> None:
+    assert job_socket(main, job) == path
+
+
+@pytest.mark.parametrize("name", ["a", "build", "a-b_c9", "z" * 64])
+def test_valid_job_names(name: str) -> None:
+    assert valid_job_name(name)
+
+
+@pytest.mark.parametrize(
+    "name", ["", "Build", "9a", "-a", "_a", "a" * 65, "a.b", "a/b", "..", "a b", "b\u00e9", "\u0430", "a\n"]
+)
+def test_invalid_job_names(name: str) -> None:
+    assert not valid_job_name(name)
+
+
+@pytest.mark.parametrize(
+    ("argv", "job"),
+    [
+        (["run", "build"], "build"),
+        (["run", "build", "a", "b"], "build"),
+        (["--json", "run", "--detach", "build"], "build"),
+        (["--socket", "/x.sock", "run", "build"], "build"),
+        (["--socket=/x.sock", "run", "build"], "build"),
+        (["--socket", "run", "run", "build"], "build"),  # the first 'run' is the socket's path
+        (["run", "--socket", "build", "deploy"], "deploy"),
+        (["--debug", "-x", "run", "--json", "--detach", "build", "--", "-a"], "build"),
+        (["run", "build", "--", "other"], "build"),
+        (["list"], None),
+        (["list", "build"], None),
+        (["frobnicate", "run", "build"], None),
+        (["build", "run"], None),
+        ([], None),
+        (["run"], None),
+        (["run", "--detach"], None),
+        (["--socket"], None),
+        (["run", "--socket"], None),
+        (["run", "--", "build"], None),  # after '--' everything is a job argument: a usage error
+        (["--", "run", "build"], None),
+        (["run", "--detach", "--", "build"], None),
+        (["run", "Build"], None),
+        (["run", "a" * 65], None),
+        (["run", "../../etc/x"], None),
+        (["run", "-", "build"], None),  # '-' is a word to argparse: the (invalid) name
+    ],
+)
+def test_guess_job(argv: list[str], job: str | None) -> None:
+    assert guess_job(argv) == job
+
+
+def test_the_guess_agrees_with_argparse_when_it_names_a_job() -> None:
+    for argv in (["--json", "run", "--detach", "build"], ["--socket", "run", "run", "build"]):
+        assert jobctl.parse_arguments(jobctl.build_parser(), argv).name == guess_job(argv) == "build"
+
+
+def test_the_early_connection_goes_to_the_jobs_own_socket_when_it_listens(tmp_path: Path) -> None:
+    main = Server(tmp_path / "job.sock")
+    own = Server(tmp_path / "job" / "build.sock")
+    early = EarlyConnection.guess(["--json", "run", "--detach", "build"], str(main.path))
+    assert early is not None
+    assert (early.path, early.instead_of) == (str(own.path), None)
+    early.close()
+    assert own.finish() == [b""]
+    assert main.finish() == []
+
+
+@pytest.mark.parametrize("argv", [["run", "build"], ["run", "nosuchjob"]])
+def test_the_early_connection_goes_to_the_main_socket_when_the_jobs_is_not_there(
+    tmp_path: Path, argv: list[str]
+) -> None:
+    main = Server(tmp_path / "job.sock")
+    (tmp_path / "job").mkdir()
+    (tmp_path / "job" / "build.sock").touch()  # not a socket: ECONNREFUSED
+    early = EarlyConnection.guess(argv, str(main.path))
+    assert early is not None
+    # jobctl need not try that socket again: trigger.preconnect could not connect to it
+    assert (early.path, early.instead_of) == (str(main.path), job_socket(str(main.path), argv[1]))
+    early.close()
+    assert main.finish() == [b""]
+
+
+@pytest.mark.parametrize(
+    "argv", [["list"], ["run", "--", "build"], ["run", "Build"], ["--help"], ["--socket", "build"]]
+)
+def test_the_early_connection_goes_to_the_main_socket_without_a_job(tmp_path: Path, argv: list[str]) -> None:
+    main = Server(tmp_path / "job.sock")
+    own = Server(tmp_path / "job" / "build.sock")
+    early = EarlyConnection.guess(argv, str(main.path))
+    assert early is not None
+    assert (early.path, early.instead_of) == (str(main.path), None)
+    early.close()
+    assert main.finish() == [b""]
+    assert own.finish() == []
+
+
+def test_no_early_connection_when_neither_socket_listens(tmp_path: Path) -> None:
+    assert EarlyConnection.guess(["run", "build"], str(tmp_path / "job.sock")) is None

@@ -20,7 +20,14 @@ import os
 import sys
 from enum import IntEnum
 
-from trigger.preconnect import DEFAULT_SOCKET, SOCKET_ENV, EarlyConnection, default_socket
+from trigger.preconnect import (
+    DEFAULT_SOCKET,
+    SOCKET_ENV,
+    EarlyConnection,
+    default_socket,
+    job_socket,
+    valid_job_name,
+)
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (2-3 ms at every start-up)
 if TYPE_CHECKING:
@@ -37,6 +44,10 @@ MAX_LINE = 16 * 1024 * 1024
 CANCEL_SIGNALS = (_signal.SIGINT, _signal.SIGTERM, _signal.SIGHUP)
 START_HINT = "is job.socket running? sudo systemctl enable --now job.socket"
 JOURNAL_HINT = "the server's side is in the journal: journalctl -u 'job@*'"
+# A job's own socket that connect() refuses with these is not there for us (the job has no units yet,
+# job.socket was stopped, or it is not ours to use): jobctl asks the main socket, which says why if it
+# cannot run the job either. None: Python's "AF_UNIX path too long", a path no socket can be bound to.
+NO_DIRECT_SOCKET = frozenset({errno.ENOENT, errno.ECONNREFUSED, errno.ENOTDIR, errno.EACCES, None})
 
 
 class ExitCode(IntEnum):
@@ -108,6 +119,12 @@ exit status:
   141   our stdout or stderr was closed (jobctl run x | head): jobctl closed
         the connection, which cancels the run, and prints nothing
   255   the connection was lost before the final event (exit, error, jobs)
+
+sockets:
+  run connects to the job's own socket, /run/job/NAME.sock, when it exists
+  (PATH/NAME.sock for --socket PATH.sock), else to the main one; if the
+  job's socket closes without a reply, run asks the main one once more,
+  which says why; list always uses the main one
 
 environment:
   JOBCTL_SOCKET  the socket when --socket is not given (default
@@ -324,17 +341,23 @@ def connect_error(path: str, exc: OSError) -> ClientError:
     return ClientError(f"cannot connect to {path}: {exc.strerror or exc}", START_HINT, ExitCode.UNAVAILABLE)
 
 
-def connect(path: str) -> _socket.socket:
+def open_socket(path: str) -> _socket.socket:
+    """A connection to `path`; raises OSError."""
     sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
     try:
         sock.connect(path)
-    except OSError as exc:
-        sock.close()
-        raise connect_error(path, exc) from None
     except BaseException:
         sock.close()
         raise
     return sock
+
+
+def connect(path: str) -> _socket.socket:
+    """A connection to `path`; raises ClientError."""
+    try:
+        return open_socket(path)
+    except OSError as exc:
+        raise connect_error(path, exc) from None
 
 
 def send_request(sock: _socket.socket, request: bytes) -> None:
@@ -493,7 +516,13 @@ class Terminal:
 
 class Session:
     """One request and its reply: sends, reads events until the final one, renders them (or, with
-    --json, passes them through) and returns the exit status; raises for every failure."""
+    --json, passes them through) and returns the exit status; raises for every failure.
+
+    A run goes to the job's own socket (trigger.preconnect.job_socket()) when it can, else to the main
+    socket (ns.socket), which hands it on to the job's units. When the job's socket closes the
+    connection without a byte of reply, its unit could not start (systemd says nothing then: a
+    credential of the job's is corrupt or expired, or the socket is at its connection limit), so the run
+    never started: the request goes once more to the main socket, which replies with why (an `error`)."""
 
     def __init__(self, ns: argparse.Namespace, term: Terminal, early: EarlyConnection | None = None) -> None:
         self.ns = ns
@@ -502,15 +531,78 @@ class Session:
         self.raw: bool = ns.json
         self.finals = ("exit", "error") if ns.command == "run" else ("jobs", "error")
         self.sock: _socket.socket | None = None
+        self.direct = False  # whether self.sock goes to the job's own socket
+        self.received = False  # whether a byte of reply has arrived on self.sock
         self.accepted: dict[str, Any] = {}
 
     def run(self) -> int:
         request = encode_request(self.ns)
+        self.sock = self.connect(request)
+        status = self.converse(self.sock, request)
+        if status is None and self.direct and not self.received:
+            self.close()
+            self.sock = None
+            if self.ns.debug:
+                self.term.say(
+                    "jobctl: debug: the job's socket closed the connection without a reply (its unit did "
+                    f"not start): sending the request to {self.ns.socket} instead\n"
+                )
+            self.sock, self.direct = self.connect_main(), False
+            status = self.converse(self.sock, request)
+        if status is None:
+            raise self.lost()
+        return status
+
+    def direct_socket(self) -> str | None:
+        """The job's own socket, for a run; None for a list, or a name that is no job's (the main socket
+        says so)."""
+        if self.ns.command == "run" and valid_job_name(self.ns.name):
+            return job_socket(self.ns.socket, self.ns.name)
+        return None
+
+    def connect(self, request: bytes) -> _socket.socket:
+        """A connection to the job's own socket if there is one for us, else to the main socket."""
+        sock, note = None, ""
+        early, direct = self.early, self.direct_socket()
+        if direct is None:
+            pass
+        elif early is not None and early.path == self.ns.socket and early.instead_of == direct:
+            note = f" (no connection to {direct} at start-up)"  # trigger.preconnect tried it already
+        else:
+            sock, note = self.connect_direct(direct)
+        self.direct = sock is not None
         if self.ns.debug:
-            self.term.say(f"jobctl: debug: sending {request!r} to {self.ns.socket}\n")
-        self.sock = (self.early and self.early.take(self.ns.socket)) or connect(self.ns.socket)
-        send_request(self.sock, request)
-        for line in read_lines(self.sock):
+            path = direct if self.direct else self.ns.socket
+            self.term.say(f"jobctl: debug: sending {request!r} to {path}{note}\n")
+        return sock if sock is not None else self.connect_main()
+
+    def connect_direct(self, path: str) -> tuple[_socket.socket | None, str]:
+        """A connection to the job's own socket `path`, or None and why (for --debug) when it is not
+        there for us; raises ClientError for other failures."""
+        early = self.early
+        if early is not None and early.path == path and (sock := early.take(path)) is not None:
+            return sock, ""
+        try:
+            sock = open_socket(path)
+        except OSError as exc:
+            if exc.errno not in NO_DIRECT_SOCKET:
+                raise connect_error(path, exc) from None
+            return None, f" (not {path}: {exc.strerror or exc})"
+        if early is not None:
+            early.close()  # made to the main socket: close it now rather than leave it idle for the run
+        return sock, ""
+
+    def connect_main(self) -> _socket.socket:
+        sock = self.early.take(self.ns.socket) if self.early is not None else None
+        return sock if sock is not None else connect(self.ns.socket)
+
+    def converse(self, sock: _socket.socket, request: bytes) -> int | None:
+        """Send the request on `sock` and handle the reply: the exit status once the final event has
+        arrived, None if the connection ended before it."""
+        self.received = False
+        send_request(sock, request)
+        for line in read_lines(sock):
+            self.received = True
             try:
                 event = parse_event(line)
             except ClientError:
@@ -520,7 +612,7 @@ class Session:
             status = self.handle(event, line)
             if status is not None:
                 return status
-        raise self.lost()
+        return None
 
     def close(self) -> None:
         """Closing the connection is how a run that was not detached is cancelled."""
@@ -586,13 +678,16 @@ class Session:
         if self.accepted:
             run_id, log = self.accepted.get("run_id"), self.accepted.get("log")
             hint = f"run {run_id} was cancelled or is still running; its log: {log}"
-        else:
-            # systemd closes the connection without a word when it cannot start the run: job.socket is
-            # at its connection limit, or a stored credential is corrupt or expired (243/CREDENTIALS).
+        elif not self.received:
+            # On the main socket (a job's own socket is retried there): systemd closes a connection
+            # without a word when it cannot start the service for it, mostly because the socket is at
+            # its connection limit. The front door reports what it finds wrong with a job's units.
             hint = (
-                "the run did not start: the server may be at its connection limit (try again), "
-                f"or a stored credential may be corrupt or expired; {JOURNAL_HINT}"
+                f"the server closed the connection without a reply: {self.ns.socket} may be at its "
+                f"connection limit (try again); {JOURNAL_HINT}"
             )
+        else:
+            hint = f"the reply was cut off; {JOURNAL_HINT}"
         message = "the connection to the job runner was lost before the final event"
         return ClientError(message, hint, ExitCode.CONNECTION_LOST)
 

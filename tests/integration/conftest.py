@@ -6,6 +6,7 @@ the client. What needs real systemd (sandbox, credentials, DynamicUser) is prove
 
 from __future__ import annotations
 
+import getpass
 import os
 import shutil
 import signal
@@ -13,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -33,14 +35,16 @@ class Runner:
         self.config = tmp_path / "jobs.toml"
         self.credentials = tmp_path / "credentials"
         self.activator_log = tmp_path / "activator.log"
-        self.statuses = tmp_path / "exit-statuses"
+        self.statuses = tmp_path / "exit-statuses"  # the jobs' runners
+        self.front_door_statuses = tmp_path / "front-door-statuses"
+        self.job_sockets = tmp_path / "job"  # where jobctl looks for a job's own socket, beside job.sock
         shutil.copytree(JOBS_DIR, self.project / "bin")
         self.credentials.mkdir()
         (self.credentials / "api-key").write_text(secret + "\n")
         self.config.write_text(
             (JOBS_DIR.parent / "jobs.toml").read_text().replace("@PROJECT@", str(self.project))
         )
-        self._process: subprocess.Popen[bytes] | None = None
+        self._processes: list[tuple[Path, subprocess.Popen[bytes]]] = []
 
     @property
     def outputs(self) -> Path:
@@ -51,40 +55,63 @@ class Runner:
         return self.project / "logs"
 
     def start(self) -> None:
+        """The front door on `socket`, and each job's own socket in `job_sockets`, as job.socket and the
+        generated job-NAME.socket units do it (runner.units)."""
+        self.job_sockets.mkdir()
+        self._activate(self.socket, self.front_door_statuses, "--front-door")
+        for job in tomllib.loads(self.config.read_text())["jobs"]:
+            self._activate(self.job_sockets / f"{job}.sock", self.statuses, job)
+        deadline = time.monotonic() + 10
+        for path, process in self._processes:
+            while not _listening(path):
+                if time.monotonic() > deadline or process.poll() is not None:
+                    raise RuntimeError(
+                        f"systemd-socket-activate did not start: {self.activator_log.read_text()}"
+                    )
+                time.sleep(0.02)
+
+    def _activate(self, path: Path, statuses: Path, *runner_args: str) -> None:
         env = {**os.environ, "PYTHONPATH": str(REPO)}
-        self._process = subprocess.Popen(
+        process = subprocess.Popen(
             [
                 "systemd-socket-activate",
                 "--accept",
                 "--listen",
-                str(self.socket),
+                str(path),
                 "-E",
                 f"JOBRUNNER_CONFIG={self.config}",
                 "-E",
-                f"CREDENTIALS_DIRECTORY={self.credentials}",
+                f"JOBRUNNER_JOB_SOCKETS={self.job_sockets}",
+                "-E",
+                f"JOBRUNNER_FRONT_DOOR_USER={getpass.getuser()}",
+                *(
+                    ("-E", f"CREDENTIALS_DIRECTORY={self.credentials}")
+                    if runner_args[0] != "--front-door"
+                    else ()
+                ),
                 "-E",
                 f"PYTHONPATH={REPO}",
                 "-E",
                 "LANG=C.UTF-8",
                 sys.executable,
                 str(Path(__file__).parent / "record_exit.py"),
-                str(self.statuses),
+                str(statuses),
+                *runner_args,
             ],
             stdout=subprocess.DEVNULL,
-            stderr=self.activator_log.open("wb"),
+            stderr=self.activator_log.open("ab"),
             env=env,
             start_new_session=True,
         )
-        deadline = time.monotonic() + 10
-        while not _listening(self.socket):
-            if time.monotonic() > deadline or self._process.poll() is not None:
-                raise RuntimeError(f"systemd-socket-activate did not start: {self.activator_log.read_text()}")
-            time.sleep(0.02)
+        self._processes.append((path, process))
+
+    def activator_pids(self) -> set[int]:
+        return {process.pid for _, process in self._processes}
 
     def stop(self) -> None:
-        if self._process is not None:
-            os.killpg(self._process.pid, signal.SIGKILL)
-            self._process.wait()
+        for _, process in self._processes:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
 
     # --- clients
 
@@ -109,12 +136,12 @@ class Runner:
             check=False,
         )
 
-    def exit_statuses(self, count: int = 1) -> list[int]:
-        """The exit statuses of the runner processes so far, once at least `count` have exited."""
-        wait_for(
-            lambda: self.statuses.exists() and len(self.statuses.read_text().split()) >= count, 10, "runners"
-        )
-        return [int(code) for code in self.statuses.read_text().split()]
+    def exit_statuses(self, count: int = 1, *, front_door: bool = False) -> list[int]:
+        """The exit statuses of the jobs' runner processes (or the front door's) so far, once at least
+        `count` have exited."""
+        path = self.front_door_statuses if front_door else self.statuses
+        wait_for(lambda: path.exists() and len(path.read_text().split()) >= count, 10, "runners")
+        return [int(code) for code in path.read_text().split()]
 
 
 def _listening(path: Path) -> bool:
