@@ -19,6 +19,9 @@ CONFDIR=/etc/jobrunner
 CONFIG=$CONFDIR/jobs.toml
 SOCKET_DROPIN=/etc/systemd/system/job.socket.d/10-install.conf
 SERVICE_DROPIN=/etc/systemd/system/job@.service.d/10-install.conf
+JOB_UNITS_DROPIN=$CONFDIR/job-units.conf  # linked into every job's units by the generator
+GENERATOR=$PREFIX/lib/systemd/system-generators/jobrunner-generator
+LEGACY_DROPINS=/etc/systemd/system/job@.service.d/50-credential-  # NAME.conf: before one unit per job
 SYSUSERS=/etc/sysusers.d/jobrunner.conf
 TMPFILES=/etc/tmpfiles.d/jobrunner.conf
 CREDSTORE=/etc/credstore.encrypted
@@ -40,11 +43,12 @@ usage: sudo ./$PROG --project DIR [--group NAME] [--tasks-max N] [--memory-max S
        sudo ./$PROG --uninstall
 
 Install jobrunner: the code in $LIBDIR, the commands jobctl, jobrunner-trigger
-and jobrunner, the units job.socket, job@.service and jobrunner-config.path
-(keeps a parsed copy of $CONFIG for connections), the developer group, the
-outputs and logs directories, and an example $CONFIG if there is none.
-Then check the units with systemd-analyze verify and start job.socket.
-Running it again is safe.
+and jobrunner, the units job.socket and job@.service (the front door), the
+generator that makes each job's own units from $CONFIG, jobrunner-config.path
+(applies every change of $CONFIG), the developer group and the front door's
+user, the outputs and logs directories, and an example $CONFIG if there is
+none. Then check the units with systemd-analyze verify and start the sockets.
+Running it again is safe, and upgrades an earlier installation in place.
 
 options:
   --project DIR      the project the jobs run in; read-only to jobs (required)
@@ -249,6 +253,17 @@ PYTHONPATH=$LIBDIR exec $PYTHON -P -m runner.admin "\$@"
 EOF
     # The same client in POSIX sh and socat, for machines and CI images without Python.
     put "$SRC/trigger/trigger_job.sh" "$BINDIR/jobrunner-trigger" 0755
+    # systemd runs it at boot and at every daemon-reload: the units of each job (runner/generator.py).
+    put_text "$GENERATOR" 0755 <<EOF
+#!$PYTHON -PS
+# jobrunner's systemd generator (installed by jobrunner's install.sh): each job's own units.
+import sys
+
+sys.path.insert(0, "$LIBDIR")
+from runner.generator import main
+
+sys.exit(main(sys.argv))
+EOF
 }
 
 install_docs() {
@@ -267,6 +282,8 @@ install_units() {
     for unit in "${UNITS[@]}"; do
         put "$SRC/units/$unit" "$UNITDIR/$unit" 0644
     done
+    # The template of every job's units, read by the generator (not a unit file itself).
+    put "$SRC/units/job-NAME@.service.in" "$LIBDIR/units/job-NAME@.service.in" 0644
 }
 
 install_group() {
@@ -274,6 +291,8 @@ install_group() {
 # jobrunner's developer group: may connect to /run/job.sock, reads and deletes outputs and logs.
 # Add a developer with: usermod -aG $GROUP USER. See sysusers.d(5). Written by install.sh.
 g $GROUP -
+# The front door's user (job@.service): the jobs' units take a handed-over connection only from it.
+u jobrunner-dispatch - "jobrunner front door" - -
 EOF
     systemd-sysusers "$SYSUSERS"
 }
@@ -373,7 +392,18 @@ install_dropins() {
 SocketGroup=$GROUP
 EOF
     put_text "$SERVICE_DROPIN" 0644 <<EOF
-# Written by install.sh: run it again rather than editing this file (add your own drop-ins beside it).
+# Written by install.sh: run it again rather than editing this file. For the front door (job@.service)
+# and the operators' job@NAME.service; each job's own settings are in $JOB_UNITS_DROPIN.
+[Service]
+# The runner's code, then where this machine's python3 has python-systemd and sdnotify (-S: no site).
+Environment=PYTHONPATH=$LIBDIR:$deps
+# The front door connects to the jobs' sockets, which are the developers' (root:$GROUP, 0660).
+SupplementaryGroups=$GROUP
+EOF
+    put_text "$JOB_UNITS_DROPIN" 0644 <<EOF
+# Written by install.sh: run it again rather than editing this file. jobrunner's generator links it
+# into the units of every job (job-NAME@.service.d/10-job-units.conf); a job's own settings come after
+# it (30-job-profile.conf, from jobs.toml), your drop-ins for a job after that (see INSTALL.md).
 [Service]
 # The runner's code, then where this machine's python3 has python-systemd and sdnotify (-S: no site).
 Environment=PYTHONPATH=$LIBDIR:$deps
@@ -383,9 +413,28 @@ BindReadOnlyPaths=$PROJECT
 BindPaths=$OUTPUTS $LOGS
 # Only to share outputs and logs with the developers.
 SupplementaryGroups=$GROUP
+# The defaults; a job's memory_max and tasks_max override them.
 TasksMax=$TASKS_MAX
 MemoryMax=$MEMORY_MAX
 EOF
+}
+
+# Before one unit per job, `jobrunner creds set` loaded every credential into every run with a drop-in
+# of job@.service. The credentials stay (in $CREDSTORE); the drop-ins go, so that the front door and
+# the jobs that do not name a credential never load it.
+migrate_credential_dropins() {
+    local dropin
+    for dropin in "$LEGACY_DROPINS"*.conf; do
+        [ -e "$dropin" ] || continue
+        rm -f "$dropin"
+        CHANGED+=("$dropin")
+        say "removed $dropin: a job now loads only the credentials it names in $CONFIG"
+    done
+    for dropin in /etc/systemd/system/job@.service.d/*.conf; do
+        [ -e "$dropin" ] && [ "$dropin" != "$SERVICE_DROPIN" ] || continue
+        say "warning: $dropin applies to the front door (job@.service) and to operators' runs, not to"
+        say "warning: socket runs: move it to /etc/systemd/system/job-NAME@.service.d/ for job NAME"
+    done
 }
 
 # systemd-analyze verify, keeping only what it says about our units: it also loads their dependencies
@@ -404,7 +453,7 @@ verify_units() {
 }
 
 start_socket() {
-    systemctl daemon-reload
+    systemctl daemon-reload  # also runs the generator: the jobs' units
     systemctl enable job.socket --quiet
     if ! systemctl is-active --quiet job.socket; then
         systemctl start job.socket
@@ -454,7 +503,9 @@ $PROG: == done
   units       $UNITDIR/job.socket, job@.service, jobrunner-config.path, .service
   drop-ins    $SOCKET_DROPIN
               $SERVICE_DROPIN
-  group       $GROUP ($SYSUSERS)
+              $JOB_UNITS_DROPIN (in every job's units)
+  generator   $GENERATOR: job-NAME.socket, job-NAME@.service, job@NAME.service for each job
+  group, user $GROUP, jobrunner-dispatch (the front door's) ($SYSUSERS)
   directories $OUTPUTS, $LOGS (2770 root:$GROUP, $TMPFILES)
   config      $CONFIG (parsed copy in $CACHEDIR, refreshed by jobrunner-config.path)
   socket      /run/job.sock ($sock), job.socket enabled and running
@@ -462,7 +513,7 @@ $PROG: == done
 Next:
   add a developer:     sudo usermod -aG $GROUP USER   (they log in again afterwards)
   store a credential:  sudo jobrunner creds set NAME   (reads the secret from stdin)
-  define jobs:         sudo editor $CONFIG; sudo jobrunner check
+  define jobs:         sudo editor $CONFIG   (applied on save; sudo jobrunner check shows how)
   run a job:           jobctl list; jobctl run hello
   as an operator:      sudo systemctl start job@hello; journalctl -u job@hello
 EOF
@@ -479,7 +530,7 @@ uninstall() {
     if systemctl list-unit-files jobrunner-config.path >/dev/null 2>&1; then
         systemctl disable --now jobrunner-config.path --quiet 2>/dev/null || true
     fi
-    systemctl stop 'job@*.service' 2>/dev/null || true
+    systemctl stop 'job-*.socket' 'job@*.service' 'job-*@*.service' 2>/dev/null || true
 
     # What the kept directories and group are, before the files that name them go.
     local dirs="" group=""
@@ -492,8 +543,8 @@ uninstall() {
     local path removed=()
     for path in "$BINDIR/jobctl" "$BINDIR/jobrunner-trigger" "$SBINDIR/jobrunner" \
         "$UNITDIR/job.socket" "$UNITDIR/job@.service" "$UNITDIR/jobrunner-config.path" \
-        "$UNITDIR/jobrunner-config.service" "$SOCKET_DROPIN" "$SERVICE_DROPIN" \
-        "$SYSUSERS" "$TMPFILES" "$LIBDIR" "$DOCDIR" "$CACHEDIR"; do
+        "$UNITDIR/jobrunner-config.service" "$SOCKET_DROPIN" "$SERVICE_DROPIN" "$JOB_UNITS_DROPIN" \
+        "$GENERATOR" "$SYSUSERS" "$TMPFILES" "$LIBDIR" "$DOCDIR" "$CACHEDIR"; do
         if [ -e "$path" ] || [ -L "$path" ]; then
             rm -rf "$path"
             removed+=("$path")
@@ -503,20 +554,18 @@ uninstall() {
     rmdir --ignore-fail-on-non-empty /etc/systemd/system/job.socket.d /etc/systemd/system/job@.service.d \
         "$UNITDIR" 2>/dev/null || true
     systemctl daemon-reload
-    systemctl reset-failed 'job@*.service' job.socket jobrunner-config.service 2>/dev/null || true
+    systemctl reset-failed 'job@*.service' 'job-*' job.socket jobrunner-config.service 2>/dev/null || true
 
-    local creds=() dropins=()
+    local creds=()
     if [ -d "$CREDSTORE" ]; then
         mapfile -t creds < <(find "$CREDSTORE" -mindepth 1 -maxdepth 1 -printf '%f\n' | sort)
     fi
-    mapfile -t dropins < <(find /etc/systemd/system/job@.service.d -name '50-credential-*.conf' 2>/dev/null | sort)
     cat <<EOF
 
 $PROG: == uninstalled (${#removed[@]} paths removed)
 Kept on purpose (a new install.sh picks them up again):
   credentials    $CREDSTORE/: ${creds[*]:-none}
-                 ${dropins[*]:-no LoadCredentialEncrypted= drop-ins}
-                 remove one with \`jobrunner creds rm NAME\` before uninstalling, or delete both by hand
+                 remove one with \`jobrunner creds rm NAME\` before uninstalling, or delete it by hand
   configuration  $CONFIG$( [ -e "$CONFIG" ] || echo " (not there)")
   outputs, logs  ${dirs:-the directories named in $CONFIG}, with every run's results
   group          ${group:-the developer group}: it owns the outputs and logs; groupdel it once they are gone
@@ -576,6 +625,7 @@ if ! [[ $PROJECT =~ $SAFE_PATH ]] || [ "$PROJECT" = / ]; then
         "use a directory with a plain name, e.g. /srv/project"
 fi
 for file in runner/__main__.py trigger/__main__.py trigger/trigger_job.sh units/job.socket units/job@.service \
+    units/job-NAME@.service.in \
     units/jobrunner-config.path units/jobrunner-config.service; do
     [ -f "$SRC/$file" ] || die 66 "$SRC/$file is missing: run $PROG from a complete jobrunner checkout" ""
 done
@@ -601,6 +651,7 @@ step "outputs and logs"
 install_directories
 step "drop-ins"
 install_dropins
+migrate_credential_dropins
 step "checking the units"
 verify_units
 step "job.socket"

@@ -36,18 +36,19 @@ def apply_units(config: Config) -> list[str]:
     done = []
     if wanted:
         _systemctl("start", *wanted)
-    stale = _systemctl(
-        "list-units", "--all", "--plain", "--no-legend", "--state=not-found", "job-*.socket"
-    ).split()
-    stale = [unit for unit in stale if unit.startswith("job-") and unit.endswith(".socket")]
+    listed = _systemctl("list-units", "--all", "--plain", "--no-legend", "--state=not-found", "job-*.socket")
+    # UNIT LOAD ACTIVE SUB DESCRIPTION: a job's socket still listening, though its unit file is gone.
+    rows = [line.split() for line in listed.splitlines()]
+    stale = [row[0] for row in rows if len(row) > 2 and row[0].endswith(".socket") and row[2] == "active"]
     if stale:
-        _systemctl("stop", *stale)
+        # A concurrent reload (jobrunner-config.path) may have stopped them first: that is fine.
+        _systemctl("stop", *stale, tolerate=True)
         done.append(f"stopped the sockets of removed jobs: {', '.join(stale)}")
     done.append(f"the units of {len(wanted)} job(s) are in place; their sockets listen")
     return done
 
 
-def _systemctl(*args: str) -> str:
+def _systemctl(*args: str, tolerate: bool = False) -> str:
     try:
         res = subprocess.run(
             ["systemctl", *args],
@@ -60,7 +61,7 @@ def _systemctl(*args: str) -> str:
         raise SystemdError("systemctl not found", "jobrunner needs systemd 252 or later") from None
     except subprocess.TimeoutExpired:
         raise SystemdError(f"systemctl {args[0]} did not finish in {SYSTEMCTL_TIMEOUT_S:g} s", "") from None
-    if res.returncode != 0:
+    if res.returncode != 0 and not tolerate:
         said = res.stderr.decode(errors="replace").strip()
         raise SystemdError(
             f"systemctl {' '.join(args)} failed (exit status {res.returncode})"

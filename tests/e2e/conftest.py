@@ -203,6 +203,13 @@ def store_credential(ct: Container, name: str, secret: str) -> None:
     ct.run(["jobrunner", "creds", "set", name], input=secret.encode())
 
 
+def write_jobs(ct: Container, text: str) -> None:
+    """Write jobs.toml and apply it now, as `sudo jobrunner check` does: jobrunner-config.path would do
+    the same a moment later, and a test must not race it to the jobs' units."""
+    ct.write_file("/etc/jobrunner/jobs.toml", text)
+    ct.run(["jobrunner", "check"])
+
+
 def jobs_toml(credential: str = CREDENTIAL) -> str:
     text = JOBS_TOML.format(project=PROJECT, credential=credential)
     if (DEMO_PROJECT / "bin" / "hello").exists():
@@ -219,7 +226,7 @@ def installed(container: Container) -> Installation:
     copy_checkout(ct)
     result = run_install(ct, "--project", PROJECT)
     ct.run(["usermod", "--append", "--groups", GROUP, DEVELOPER])
-    ct.write_file("/etc/jobrunner/jobs.toml", jobs_toml())
+    write_jobs(ct, jobs_toml())
     secret = "demo-" + secrets.token_hex(16)
     store_credential(ct, CREDENTIAL, secret)
     return Installation(
