@@ -513,7 +513,9 @@ def _ip_prefix(entry: str, where: str) -> str:
         return str(ipaddress.ip_network(entry, strict=True))
     except ValueError as e:
         raise ConfigError(
-            f"{where}: key 'network': {_short_value(entry)} is not an IP address or prefix ({e})",
+            # ipaddress's message quotes the whole entry: "it" instead, so that _short_value's cut holds.
+            f"{where}: key 'network': {_short_value(entry)} is not an IP address or prefix "
+            f"({str(e).replace(repr(entry), 'it')})",
             "write addresses (192.0.2.10, 2001:db8::1) or prefixes (10.0.0.0/8), not host names: "
             "a job's firewall is set when its unit starts, before any name is resolved",
         ) from None

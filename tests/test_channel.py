@@ -137,9 +137,10 @@ def configured(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return project
 
 
-def serve(request: bytes, monkeypatch: pytest.MonkeyPatch) -> tuple[int, list[bytes]]:
-    """serve_connection over a socketpair; returns its status and, for each journal entry, what the client
-    had read up to EOF when the runner wrote it (it must have the whole reply and EOF by then)."""
+def serve(request: bytes, monkeypatch: pytest.MonkeyPatch, job_name: str | None) -> tuple[int, list[bytes]]:
+    """serve_connection over a socketpair, as job `job_name`'s own unit (None: the front door); returns
+    its status and, for each journal entry, what the client had read up to EOF when the runner wrote it
+    (it must have the whole reply and EOF by then)."""
     server, client = socket.socketpair()
     client.sendall(request)
     client.settimeout(2)
@@ -152,7 +153,7 @@ def serve(request: bytes, monkeypatch: pytest.MonkeyPatch) -> tuple[int, list[by
 
     monkeypatch.setattr(service.journal, "log", journal_log)
     try:
-        status = service.serve_connection(server)
+        status = service.serve_connection(server, job_name)
     finally:
         client.close()
     return status, seen_at_journal
@@ -161,7 +162,7 @@ def serve(request: bytes, monkeypatch: pytest.MonkeyPatch) -> tuple[int, list[by
 def test_the_client_has_eof_before_the_end_entry_is_written(
     configured: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    status, seen = serve(b'{"op": "run", "job": "hello"}\n', monkeypatch)
+    status, seen = serve(b'{"op": "run", "job": "hello"}\n', monkeypatch, "hello")
 
     assert status == 0
     assert len(seen) == 1
@@ -175,7 +176,7 @@ def test_the_client_has_eof_before_the_end_entry_is_written(
 def test_the_client_has_eof_before_a_refusal_is_logged(
     configured: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    status, seen = serve(b"run nosuchjob\n", monkeypatch)
+    status, seen = serve(b"run nosuchjob\n", monkeypatch, None)  # the front door refuses it
 
     assert status == 64
     assert len(seen) == 1

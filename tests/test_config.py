@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import re
 import textwrap
+import os
+import subprocess
+import sys
 from pathlib import Path, PurePosixPath
 
 import pytest
@@ -17,12 +20,16 @@ from runner.config import (
     Concurrency,
     Config,
     NameRule,
+    Network,
+    Sandbox,
     clean_path,
     config_path,
     load_config,
     parse_config,
 )
 from runner.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
 
 # The keys a job table may have (INSTALL.md, docs): written out here, not imported from the module.
 VALID_JOB_KEYS = (
@@ -35,6 +42,10 @@ VALID_JOB_KEYS = (
     "credentials",
     "allowed_groups",
     "concurrency",
+    "network",
+    "memory_max",
+    "tasks_max",
+    "jit",
 )
 # Set by the runner for every job (docs): `env` may not override them.
 RESERVED_ENV = ("PATH", "LANG", "HOME", "CREDENTIALS_DIRECTORY", "JOB_NAME", "JOB_RUN_ID", "JOB_OUTPUT_DIR")
@@ -584,3 +595,283 @@ def test_missing_file(tmp_path: Path) -> None:
     assert str(path) in error.message
     assert "no such file" in error.message
     assert error.hint
+
+
+# ------------------------------------------------------------------ the sandbox keys (the job's own units)
+
+
+def job_with(tmp_path: Path, body: str) -> str:
+    """A jobs.toml with one job, build, with `body` after its command."""
+    return write_config(tmp_path, f'[jobs.build]\ncommand = ["bin/build"]\n{textwrap.dedent(body)}\n')
+
+
+def sandbox_of(tmp_path: Path, body: str) -> Sandbox:
+    return load_config(job_with(tmp_path, body)).jobs["build"].sandbox
+
+
+def test_a_job_without_sandbox_keys_gets_the_defaults(tmp_path: Path) -> None:
+    sandbox = sandbox_of(tmp_path, "")
+
+    assert sandbox.network is Network.ANY
+    assert sandbox.addresses == ()
+    assert sandbox.memory_max is None  # install.sh's default applies
+    assert sandbox.tasks_max is None
+    assert sandbox.jit is False
+    assert sandbox == Sandbox()
+
+
+@pytest.mark.parametrize(("value", "network"), [('"any"', Network.ANY), ('"none"', Network.NONE)])
+def test_network_any_and_none(tmp_path: Path, value: str, network: Network) -> None:
+    sandbox = sandbox_of(tmp_path, f"network = {value}")
+
+    assert sandbox.network is network
+    assert sandbox.addresses == ()
+
+
+def test_a_network_list_is_kept_in_order_in_canonical_form(tmp_path: Path) -> None:
+    sandbox = sandbox_of(
+        tmp_path,
+        """\
+        network = ["10.0.0.0/8", "192.0.2.10", "2001:0DB8::/32", "2001:db8:0:0::1", "192.0.2.0/24", "::/0"]
+        """,
+    )
+
+    assert sandbox.network is Network.LISTED
+    assert sandbox.addresses == (
+        "10.0.0.0/8",
+        "192.0.2.10/32",  # a single address: its own prefix
+        "2001:db8::/32",
+        "2001:db8::1/128",
+        "192.0.2.0/24",
+        "::/0",
+    )
+
+
+@pytest.mark.parametrize(
+    "entry",
+    [
+        "api.example.com",  # a host name: resolved only after the firewall is set, so refused
+        "localhost",
+        "10.0.0.1/8",  # host bits set: strict, so that what is allowed is what is written
+        "2001:db8::1/32",
+        "10.0.0.0/33",
+        "256.1.2.3",
+        "10.0.0",
+        "192.0.2.10:443",
+        "any",
+        "",
+        " 10.0.0.1",
+    ],
+)
+def test_a_network_entry_that_is_not_an_address_or_prefix_is_refused(tmp_path: Path, entry: str) -> None:
+    path = job_with(tmp_path, f'network = ["192.0.2.10", "{entry}"]')
+
+    error = config_error(path)
+
+    assert str(path) in error.message
+    assert "job 'build'" in error.message
+    assert "'network'" in error.message
+    assert repr(entry) in error.message
+    assert "not an IP address or prefix" in error.message
+    assert "not host names" in error.hint
+
+
+def test_a_long_wrong_network_entry_is_not_quoted_whole(tmp_path: Path) -> None:
+    pasted = "sk-" + "0123456789abcdef" * 4  # a key pasted in the wrong place
+    error = config_error(job_with(tmp_path, f'network = ["{pasted}"]'))
+
+    assert "'network'" in error.message
+    assert pasted[:37] in error.message
+    assert pasted[:38] not in error.message
+
+
+def test_an_empty_network_list_is_refused_with_a_hint(tmp_path: Path) -> None:
+    path = job_with(tmp_path, "network = []")
+
+    error = config_error(path)
+
+    assert str(path) in error.message
+    assert "job 'build'" in error.message
+    assert "'network' is an empty list" in error.message
+    assert 'network = "none"' in error.hint
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        '"all"',
+        '"None"',
+        '"ANY"',
+        '""',
+        '"10.0.0.0/8"',  # an address, not in a list
+        "true",
+        "5",
+        "[1]",
+        '["10.0.0.1", 2]',
+        "{ allow = ['10.0.0.1'] }",
+    ],
+)
+def test_a_wrong_network_value_names_the_file_the_job_and_the_key(tmp_path: Path, value: str) -> None:
+    path = job_with(tmp_path, f"network = {value}")
+
+    error = config_error(path)
+
+    assert str(path) in error.message
+    assert "job 'build'" in error.message
+    assert "'network'" in error.message
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ('"512M"', "512M"),
+        ("536870912", "536870912"),
+        ('"536870912"', "536870912"),
+        ('"2G"', "2G"),
+        ('"64K"', "64K"),
+        ('"1T"', "1T"),
+        ('"infinity"', "infinity"),
+    ],
+)
+def test_memory_max(tmp_path: Path, value: str, expected: str) -> None:
+    assert sandbox_of(tmp_path, f"memory_max = {value}").memory_max == expected
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        '"0"',
+        "0",
+        '"-1"',
+        "-1",
+        '"0G"',
+        '"1.5G"',
+        "1.5",
+        "true",
+        "false",
+        '""',
+        '"G"',
+        '"512m"',
+        '"512MB"',
+        '"512 M"',
+        '"Infinity"',
+        '"50%"',
+        '"\u0661\u0662M"',  # digits, but not ASCII ones
+        '["1G"]',
+    ],
+)
+def test_a_wrong_memory_max_is_refused(tmp_path: Path, value: str) -> None:
+    path = job_with(tmp_path, f"memory_max = {value}")
+
+    error = config_error(path)
+
+    assert str(path) in error.message
+    assert "job 'build'" in error.message
+    assert "'memory_max' must be a whole number above 0" in error.message
+    assert 'memory_max = "2G"' in error.hint
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"), [("256", "256"), ('"256"', "256"), ("1", "1"), ('"infinity"', "infinity")]
+)
+def test_tasks_max(tmp_path: Path, value: str, expected: str) -> None:
+    assert sandbox_of(tmp_path, f"tasks_max = {value}").tasks_max == expected
+
+
+@pytest.mark.parametrize("value", ["0", '"0"', "-5", '"256K"', '"2G"', "2.5", "true", '"many"', '""'])
+def test_a_wrong_tasks_max_is_refused(tmp_path: Path, value: str) -> None:
+    path = job_with(tmp_path, f"tasks_max = {value}")
+
+    error = config_error(path)
+
+    assert str(path) in error.message
+    assert "job 'build'" in error.message
+    assert "'tasks_max' must be a whole number above 0" in error.message
+    assert "K, M, G" not in error.message  # no unit suffixes for a number of tasks
+
+
+def test_jit(tmp_path: Path) -> None:
+    assert sandbox_of(tmp_path, "jit = true").jit is True
+    assert sandbox_of(tmp_path, "jit = false").jit is False
+
+
+@pytest.mark.parametrize("value", ['"yes"', '"true"', "1", "0", "[true]"])
+def test_jit_must_be_a_boolean(tmp_path: Path, value: str) -> None:
+    path = job_with(tmp_path, f"jit = {value}")
+
+    error = config_error(path)
+
+    assert str(path) in error.message
+    assert "job 'build'" in error.message
+    assert "'jit' must be true or false" in error.message
+
+
+@pytest.mark.parametrize(
+    "key", ["networks", "memory-max", "MemoryMax", "tasks", "sandbox", "private_network"]
+)
+def test_unknown_sandbox_like_keys_are_still_refused(tmp_path: Path, key: str) -> None:
+    error = config_error(job_with(tmp_path, f'{key} = "none"'))
+
+    assert f"unknown key {key!r}" in error.message
+    for valid in ("network", "memory_max", "tasks_max", "jit"):
+        assert valid in error.hint
+
+
+def test_every_sandbox_key_at_once(tmp_path: Path) -> None:
+    sandbox = sandbox_of(
+        tmp_path, 'network = ["192.0.2.0/24"]\nmemory_max = "4G"\ntasks_max = 512\njit = true'
+    )
+
+    assert sandbox == Sandbox(
+        network=Network.LISTED, addresses=("192.0.2.0/24",), memory_max="4G", tasks_max="512", jit=True
+    )
+
+
+def parse_in_a_fresh_interpreter(thorough: bool) -> subprocess.CompletedProcess[str]:
+    """parse_config of a job with a network list, in an interpreter started as the jobs' units start
+    the runner (-P -S); prints whether that imported ipaddress, then the job's addresses."""
+    probe = textwrap.dedent(
+        f"""\
+        import sys
+        from runner import config
+        assert "ipaddress" not in sys.modules
+        data = {{"runner": {{"project": "/p"}}, "jobs": {{"build": {{"command": ["x"],
+                "network": ["192.0.2.10", "2001:DB8::/32"], "memory_max": "1G", "jit": True}}}}}}
+        parsed = config.parse_config(data, "/p/jobs.toml", compile_patterns={thorough})
+        print("ipaddress" in sys.modules, *parsed.jobs["build"].sandbox.addresses)
+        """
+    )
+    return subprocess.run(
+        [sys.executable, "-P", "-S", "-c", probe],
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+
+
+def test_parsing_the_checked_copy_does_not_import_ipaddress() -> None:
+    # Every connection parses the copy `jobrunner check` made (compile_patterns=False): the addresses were
+    # checked then, and the runner does not use them (systemd applies them before it starts).
+    assert parse_in_a_fresh_interpreter(thorough=False).stdout.split() == [
+        "False",
+        "192.0.2.10",
+        "2001:DB8::/32",
+    ]
+    # The thorough parse (check, the generator) does import it, to check and rewrite each address.
+    assert parse_in_a_fresh_interpreter(thorough=True).stdout.split() == [
+        "True",
+        "192.0.2.10/32",
+        "2001:db8::/32",
+    ]
+
+
+def test_parsing_the_checked_copy_still_checks_the_network_value_types(tmp_path: Path) -> None:
+    def parse(network: object) -> Sandbox:
+        data = {"runner": {"project": "/p"}, "jobs": {"build": {"command": ["x"], "network": network}}}
+        return parse_config(data, "/p/jobs.toml", compile_patterns=False).jobs["build"].sandbox
+
+    assert parse("none").network is Network.NONE
+    for wrong in ([], "all", 5, ["10.0.0.1", 2]):
+        with pytest.raises(ConfigError, match="'network'"):
+            parse(wrong)

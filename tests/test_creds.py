@@ -1,8 +1,13 @@
-"""runner/creds.py and `jobrunner creds`: the encrypted store and drop-ins, without systemd.
+"""runner/creds.py and `jobrunner creds`: the encrypted store, without systemd.
 
-The CLI runs as a subprocess against a temporary JOBRUNNER_ROOT, with fake `systemd-creds` and
-`systemctl` executables first on PATH. The fakes record their argv, environment, umask and the mode of
-the file they write into, so that the tests can prove the secret reached systemd-creds on stdin only.
+The CLI runs as a subprocess against a temporary JOBRUNNER_ROOT and JOBRUNNER_CONFIG, with fake
+`systemd-creds` and `systemctl` executables first on PATH. The fakes record their argv, environment,
+umask and the mode of the file they write into, so that the tests can prove the secret reached
+systemd-creds on stdin only (and that nothing calls systemctl: which units load a credential is up to
+jobs.toml and the generator now, not a drop-in per credential).
+
+Earlier versions wrote job@.service.d/50-credential-NAME.conf for each credential, which loaded it into
+every run of every job: `creds set` and `rm` remove such a "legacy drop-in" (tests write them by hand).
 """
 
 from __future__ import annotations
@@ -71,14 +76,8 @@ if prog == "systemd-creds":
     sys.stdout.buffer.write(base64.b64encode(header + {marker!r} + data) + b"\\n")
     sys.stderr.write({warning!r} + ", using anyway.\\n")
 elif prog == "systemctl":
-    if sys.argv[1:] == ["is-system-running"]:
-        state = option("systemctl-state") or "running"
-        print(state)
-        sys.exit(0 if state == "running" else 1)
-    failure = option("reload-fail")
-    if failure is not None:
-        sys.stderr.write(failure)
-        sys.exit(1)
+    sys.stderr.write("the fake systemctl was called\\n")
+    sys.exit(1)
 """
 
 
@@ -101,13 +100,40 @@ class Fakes:
     def store(self) -> Path:
         return self.root / STORE
 
+    @property
+    def config(self) -> Path:
+        """The JOBRUNNER_CONFIG of the CLI: absent until a test writes it (write_jobs)."""
+        return self.bin.parent / "jobs.toml"
+
     def dropin(self, name: str) -> Path:
         return self.root / DROPINS / f"50-credential-{name}.conf"
+
+    def write_legacy_dropin(self, name: str) -> Path:
+        """The drop-in that `creds set` of earlier versions wrote (with its text of then)."""
+        dropin = self.dropin(name)
+        dropin.parent.mkdir(parents=True, exist_ok=True)
+        dropin.write_text(
+            f"# Written by `jobrunner creds set {name}`; removed by `jobrunner creds rm {name}`.\n"
+            "[Service]\n"
+            f"LoadCredentialEncrypted={name}:/etc/credstore.encrypted/{name}\n"
+            f"SetCredential={name}:jobrunner:credential-file-missing\n"
+        )
+        return dropin
+
+    def write_jobs(self, credentials: dict[str, list[str]]) -> Path:
+        """A jobs.toml with a job for each entry of `credentials`, naming those credentials."""
+        text = f'[runner]\nproject = "{self.bin.parent / "project"}"\n'
+        for job, names in credentials.items():
+            text += f'\n[jobs.{job}]\ncommand = ["/bin/true"]\ncredentials = {json.dumps(names)}\n'
+        self.config.write_text(text)
+        return self.config
 
     def env(self, path: str | None = None) -> dict[str, str]:
         return {
             "PATH": path if path is not None else f"{self.bin}:{os.environ.get('PATH', '/usr/bin:/bin')}",
             "JOBRUNNER_ROOT": str(self.root),
+            "JOBRUNNER_CONFIG": str(self.config),
+            "JOBRUNNER_CONFIG_CACHE": "",
             "PYTHONPATH": str(REPO),
             "PYTHONDONTWRITEBYTECODE": "1",
             "LANG": "C.UTF-8",
@@ -239,28 +265,48 @@ def test_set_fixes_the_mode_of_an_existing_store(fakes: Fakes) -> None:
     assert f"changed the mode of {fakes.store} from 0755 to 0700" in res.stderr.decode()
 
 
-def test_set_writes_the_drop_in_reloads_and_says_how_to_use_it(fakes: Fakes) -> None:
+def test_set_writes_no_drop_in_reloads_nothing_and_says_how_to_use_it(fakes: Fakes) -> None:
     res = set_ok(fakes, "api-key", new_secret())
-    dropin = fakes.dropin("api-key")
-    assert dropin.read_text() == (
-        "# Written by `jobrunner creds set api-key`; removed by `jobrunner creds rm api-key`.\n"
-        "[Service]\n"
-        "LoadCredentialEncrypted=api-key:/etc/credstore.encrypted/api-key\n"
-        "# Used by systemd only when the file above is missing, so the runner can say so (see\n"
-        "# runner/credentials.py); never passed to a job as a key.\n"
-        "SetCredential=api-key:jobrunner:credential-file-missing\n"
-    )
-    assert stat.S_IMODE(dropin.stat().st_mode) == 0o644
-    assert sorted(p.name for p in dropin.parent.iterdir()) == [dropin.name]
-    assert [c["argv"][1:] for c in fakes.calls("systemctl")] == [["is-system-running"], ["daemon-reload"]]
+    assert not (fakes.root / DROPINS).exists(), "which units load it is up to jobs.toml"
+    assert sorted(p.relative_to(fakes.root).as_posix() for p in fakes.root.rglob("*")) == [
+        "etc",
+        "etc/credstore.encrypted",
+        "etc/credstore.encrypted/api-key",
+    ]
+    assert fakes.calls("systemctl") == []
     out = res.stdout.decode()
     assert f"Stored credential 'api-key' in {fakes.store / 'api-key'}" in out
-    assert str(dropin) in out
-    assert 'credentials = ["api-key"]' in out
-    assert "systemd reloaded" in out
     assert "encrypted by systemd-creds with the host key" in out
+    # No job names it yet (there is no jobs.toml at all): how to use it.
+    assert f"No job uses it yet. To use it in a job, add to the job's table in {fakes.config}:" in out
+    assert 'credentials = ["api-key"]' in out
+    assert "drop-in" not in out + res.stderr.decode()
+    assert "reload" not in out + res.stderr.decode()
     # systemd-creds' own remarks are passed on as notes.
     assert f"note: systemd-creds: {WARNING}" in res.stderr.decode()
+
+
+def test_set_says_which_jobs_use_it(fakes: Fakes) -> None:
+    fakes.write_jobs({"build": ["api-key"], "lint": [], "deploy": ["other", "api-key"]})
+    res = set_ok(fakes, "api-key", new_secret())
+    out = res.stdout.decode()
+    assert "  used by: build, deploy (from their next run on)\n" in out
+    assert "No job uses it yet" not in out
+    assert "credentials = [" not in out
+
+
+def test_set_removes_a_legacy_drop_in_and_only_its_own(fakes: Fakes) -> None:
+    legacy = fakes.write_legacy_dropin("api-key")
+    other = fakes.write_legacy_dropin("other")
+    (legacy.parent / "10-install.conf").write_text("[Service]\n")  # install.sh's, not ours
+    res = set_ok(fakes, "api-key", new_secret())
+    assert not legacy.exists()
+    assert sorted(p.name for p in legacy.parent.iterdir()) == ["10-install.conf", other.name]
+    assert f"note: removed {legacy}: it loaded 'api-key' into every run of every job" in res.stderr.decode()
+    assert fakes.calls("systemctl") == []
+    # Once gone, a second set has nothing to say about it.
+    res = set_ok(fakes, "api-key", new_secret())
+    assert "removed" not in res.stderr.decode()
 
 
 def test_set_replaces_atomically(fakes: Fakes) -> None:
@@ -278,6 +324,7 @@ def test_set_replaces_atomically(fakes: Fakes) -> None:
 def test_failed_encryption_keeps_the_previous_value(fakes: Fakes) -> None:
     first = new_secret()
     set_ok(fakes, "api-key", first)
+    legacy = fakes.write_legacy_dropin("api-key")  # nothing changes, not even that
     fakes.set_option("creds-fail", "Failed to determine local credential host secret: Permission denied\n")
     second = new_secret()
     res = jobrunner(fakes, "creds", "set", "api-key", stdin=second)
@@ -288,6 +335,7 @@ def test_failed_encryption_keeps_the_previous_value(fakes: Fakes) -> None:
     assert second not in res.stdout + res.stderr
     assert stored_plaintext(fakes.store / "api-key") == first
     assert sorted(p.name for p in fakes.store.iterdir()) == ["api-key"]
+    assert legacy.is_file()
 
 
 def test_only_one_trailing_newline_is_stripped(fakes: Fakes) -> None:
@@ -358,10 +406,13 @@ def test_option_like_names_are_usage_errors(fakes: Fakes) -> None:
 
 @pytest.mark.parametrize("name", ["a" * 236, "A.b_c-1", "-lead", ".hidden", "x..y"])
 def test_edge_names_are_accepted(fakes: Fakes, name: str) -> None:
+    # The longest name is the longest whose legacy drop-in's file name fits in 255: set removes it.
+    legacy = fakes.write_legacy_dropin(name)
     res = jobrunner(fakes, "creds", "set", "--", name, stdin=new_secret())
     assert res.returncode == 0, res.stderr
     assert (fakes.store / name).is_file()
-    assert fakes.dropin(name).is_file()
+    assert not legacy.exists()
+    assert list(legacy.parent.iterdir()) == []
     assert fakes.calls("systemd-creds")[0]["argv"][2] == f"--name={name}"
 
 
@@ -393,75 +444,101 @@ def test_missing_systemd_creds_fails_before_reading_the_secret(fakes: Fakes, tmp
     assert not fakes.store.exists()
 
 
-def test_reload_is_skipped_with_a_warning_when_systemd_is_not_running(fakes: Fakes) -> None:
-    fakes.set_option("systemctl-state", "offline")
-    res = set_ok(fakes, "api-key", new_secret())
-    assert "warning: systemd is not running here" in res.stderr.decode()
-    assert [c["argv"][1:] for c in fakes.calls("systemctl")] == [["is-system-running"]]
-    assert fakes.dropin("api-key").is_file()
-
-
-def test_degraded_systemd_is_still_reloaded(fakes: Fakes) -> None:
-    fakes.set_option("systemctl-state", "degraded")  # exit status 1, like "offline"
-    set_ok(fakes, "api-key", new_secret())
-    assert [c["argv"][1:] for c in fakes.calls("systemctl")] == [["is-system-running"], ["daemon-reload"]]
-
-
-def test_no_reload(fakes: Fakes) -> None:
+def test_no_reload_is_still_accepted_and_changes_nothing(fakes: Fakes) -> None:
+    """Scripts written for the versions that ran `systemctl daemon-reload` after set and rm."""
+    fakes.write_jobs({"build": ["api-key"]})
     res = set_ok(fakes, "api-key", new_secret(), "--no-reload")
+    assert (fakes.store / "api-key").is_file()
+    assert "used by: build" in res.stdout.decode()
+    assert "--no-reload" not in res.stderr.decode()
+    res = jobrunner(fakes, "creds", "rm", "--no-reload", "api-key")
+    assert res.returncode == 0, res.stderr
+    assert not (fakes.store / "api-key").exists()
     assert fakes.calls("systemctl") == []
-    assert "--no-reload" in res.stderr.decode()
-
-
-def test_failed_reload_is_an_error_that_says_the_files_are_in_place(fakes: Fakes) -> None:
-    fakes.set_option("reload-fail", "Failed to reload daemon: Access denied\n")
-    res = jobrunner(fakes, "creds", "set", "api-key", stdin=new_secret())
-    assert res.returncode == 69
-    err = res.stderr.decode()
-    assert "systemctl daemon-reload failed (exit status 1): Failed to reload daemon" in err
-    assert "the files are in place" in err
 
 
 # ------------------------------------------------------------------------------------------- list
 
 
-def test_list_shows_names_sizes_dates_and_drop_ins_never_values(fakes: Fakes) -> None:
+def listed(res: subprocess.CompletedProcess[bytes]) -> dict[str, list[str]]:
+    """`creds list`'s rows by name: [SIZE, MODIFIED, JOBS] (JOBS as printed, "a, b" or "-")."""
+    lines = res.stdout.decode().splitlines()
+    assert lines[0].split() == ["NAME", "SIZE", "MODIFIED", "JOBS"]
+    rows = [line.split(maxsplit=3) for line in lines[1:]]
+    return {row[0]: row[1:] for row in rows}
+
+
+def test_list_shows_names_sizes_dates_and_jobs_never_values(fakes: Fakes) -> None:
     first, second = new_secret(), new_secret()
     set_ok(fakes, "api-key", first)
     set_ok(fakes, "other.key", second)
+    fakes.write_jobs({"build": ["api-key"], "lint": [], "deploy": ["other.key", "api-key"]})
     before = len(fakes.calls("systemd-creds"))
     res = jobrunner(fakes, "creds", "list")
     assert res.returncode == 0, res.stderr
-    lines = res.stdout.decode().splitlines()
-    assert lines[0].split() == ["NAME", "SIZE", "MODIFIED", "DROP-IN"]
+    rows = listed(res)
+    assert list(rows) == ["api-key", "other.key"]
     size = (fakes.store / "api-key").stat().st_size
-    assert lines[1].split()[:2] == ["api-key", str(size)]
-    assert lines[1].split()[3] == "yes"
-    assert lines[2].split()[0] == "other.key"
-    assert len(lines) == 3
+    assert rows["api-key"][0] == str(size)
+    assert rows["api-key"][2] == "build, deploy"
+    assert rows["other.key"][2] == "deploy"
+    assert res.stderr == b"", "every credential is used, every job's credentials are stored"
     for secret in (first, second):
         assert secret not in res.stdout + res.stderr
     assert len(fakes.calls("systemd-creds")) == before, "list never decrypts"
+    assert fakes.calls("systemctl") == []
 
 
-def test_list_flags_orphans_and_loose_modes(fakes: Fakes) -> None:
-    set_ok(fakes, "no-dropin", new_secret())
-    set_ok(fakes, "no-file", new_secret())
+def test_list_notes_unused_credentials_and_warns_of_unstored_ones(fakes: Fakes) -> None:
+    set_ok(fakes, "used", new_secret())
+    set_ok(fakes, "spare", new_secret())
+    fakes.write_jobs({"build": ["used", "missing"], "deploy": ["missing"], "lint": []})
+    res = jobrunner(fakes, "creds", "list")
+    assert res.returncode == 0, res.stderr
+    rows = listed(res)
+    assert list(rows) == ["spare", "used"], "a credential that is not stored has no row"
+    assert rows["spare"][2] == "-"
+    assert rows["used"][2] == "build"
+    err = res.stderr.decode()
+    assert "note: no job uses 'spare' (no `credentials` in jobs.toml names it)" in err
+    assert "'used'" not in err
+    assert "warning: job(s) build, deploy name credential 'missing', which is not stored" in err
+
+
+def test_list_without_a_jobs_toml_shows_no_jobs(fakes: Fakes) -> None:
+    set_ok(fakes, "api-key", new_secret())
+    assert not fakes.config.exists()
+    res = jobrunner(fakes, "creds", "list")
+    assert res.returncode == 0, res.stderr
+    assert listed(res)["api-key"][2] == "-"
+
+
+def test_list_flags_legacy_drop_ins_and_loose_modes(fakes: Fakes) -> None:
+    set_ok(fakes, "legacy", new_secret())
     set_ok(fakes, "loose", new_secret())
-    fakes.dropin("no-dropin").unlink()
-    (fakes.store / "no-file").unlink()
+    fakes.write_legacy_dropin("legacy")
+    only_dropin = fakes.write_legacy_dropin("only-dropin")
     (fakes.store / "loose").chmod(0o644)
     (fakes.store / ".jobrunner-tmp-0123456789abcdef").write_bytes(b"half written")
+    (only_dropin.parent / "10-install.conf").write_text("[Service]\n")  # not a credential's
+    fakes.write_jobs({"build": ["legacy", "loose"]})
     res = jobrunner(fakes, "creds", "list")
     assert res.returncode == 0
-    rows = {line.split()[0]: line.split() for line in res.stdout.decode().splitlines()[1:]}
-    assert sorted(rows) == ["loose", "no-dropin", "no-file"]
-    assert rows["no-dropin"][3] == "no"
-    assert rows["no-file"][1:] == ["-", "-", "yes"]
+    rows = listed(res)
+    assert sorted(rows) == ["legacy", "loose", "only-dropin"]
+    assert rows["only-dropin"] == ["-", "-", "-"]
+    assert rows["legacy"][2] == "build"
     err = res.stderr.decode()
-    assert "'no-file' has a drop-in but no encrypted file" in err
-    assert "'no-dropin' has no drop-in" in err
-    assert "loose has mode 0644" in err
+    assert (
+        "warning: 'only-dropin' has a legacy drop-in but no encrypted file: `jobrunner creds rm only-dropin`"
+        in err
+    )
+    assert (
+        f"warning: 'legacy' has a legacy drop-in ({fakes.dropin('legacy')}) that loads it into every run: "
+        "`sudo jobrunner creds set legacy` or install.sh removes it"
+    ) in err
+    assert "'loose' has a legacy drop-in" not in err
+    assert f"warning: {fakes.store / 'loose'} has mode 0644" in err
 
 
 def test_list_of_an_empty_store(fakes: Fakes) -> None:
@@ -473,19 +550,31 @@ def test_list_of_an_empty_store(fakes: Fakes) -> None:
 # --------------------------------------------------------------------------------------------- rm
 
 
-def test_rm_removes_the_file_and_the_drop_in(fakes: Fakes) -> None:
+def test_rm_removes_the_file(fakes: Fakes) -> None:
     set_ok(fakes, "api-key", new_secret())
     set_ok(fakes, "kept", new_secret())
     res = jobrunner(fakes, "creds", "rm", "api-key")
     assert res.returncode == 0, res.stderr
     assert not (fakes.store / "api-key").exists()
-    assert not fakes.dropin("api-key").exists()
     assert (fakes.store / "kept").exists()
-    assert fakes.dropin("kept").exists()
-    out = res.stdout.decode()
-    assert f"removed {fakes.dropin('api-key')}" in out
-    assert f"removed {fakes.store / 'api-key'}" in out
-    assert fakes.calls("systemctl")[-1]["argv"][1:] == ["daemon-reload"]
+    assert res.stdout.decode() == f"removed {fakes.store / 'api-key'}\n"
+    assert res.stderr == b"", "no job names it: nothing to warn about"
+    assert fakes.calls("systemctl") == []
+
+
+def test_rm_removes_a_legacy_drop_in_too(fakes: Fakes) -> None:
+    set_ok(fakes, "api-key", new_secret())
+    set_ok(fakes, "kept", new_secret())
+    legacy = fakes.write_legacy_dropin("api-key")
+    kept = fakes.write_legacy_dropin("kept")
+    res = jobrunner(fakes, "creds", "rm", "api-key")
+    assert res.returncode == 0, res.stderr
+    assert not legacy.exists()
+    assert not (fakes.store / "api-key").exists()
+    assert kept.exists()
+    assert (fakes.store / "kept").exists()
+    # The drop-in first: it must never name a file that is already gone.
+    assert res.stdout.decode() == f"removed {legacy}\nremoved {fakes.store / 'api-key'}\n"
 
 
 def test_rm_of_an_unknown_name(fakes: Fakes) -> None:
@@ -497,11 +586,42 @@ def test_rm_of_an_unknown_name(fakes: Fakes) -> None:
     assert fakes.calls() == []
 
 
-def test_rm_cleans_up_half_a_credential(fakes: Fakes) -> None:
+def test_rm_of_a_name_with_only_a_legacy_drop_in(fakes: Fakes) -> None:
+    legacy = fakes.write_legacy_dropin("api-key")
+    res = jobrunner(fakes, "creds", "rm", "api-key")
+    assert res.returncode == 0, res.stderr
+    assert not legacy.exists()
+    assert res.stdout.decode() == f"removed {legacy}\n"
+    assert jobrunner(fakes, "creds", "rm", "api-key").returncode == 66, "now it is gone"
+
+
+def test_rm_warns_about_the_jobs_that_still_name_it(fakes: Fakes) -> None:
     set_ok(fakes, "api-key", new_secret())
-    (fakes.store / "api-key").unlink()
-    assert jobrunner(fakes, "creds", "rm", "api-key").returncode == 0
-    assert not fakes.dropin("api-key").exists()
+    fakes.write_jobs({"build": ["api-key"], "lint": ["other"], "deploy": ["api-key"]})
+    res = jobrunner(fakes, "creds", "rm", "api-key")
+    assert res.returncode == 0, res.stderr
+    assert not (fakes.store / "api-key").exists()
+    err = res.stderr.decode()
+    assert f"warning: job(s) build, deploy still name 'api-key' in {fakes.config}" in err
+    assert "lint" not in err
+    assert "other jobs are not affected" in err
+
+
+def test_check_marks_the_credentials_that_are_not_stored(fakes: Fakes) -> None:
+    set_ok(fakes, "stored", new_secret())
+    fakes.write_jobs({"build": ["stored", "missing"], "lint": []})
+    res = jobrunner(fakes, "check", "--no-reload")
+    assert res.returncode == 0, res.stderr
+    out = res.stdout.decode()
+    assert "build" in out
+    assert "credentials: stored, missing (NOT STORED)" in out
+    assert "units: job-build.socket, job-build@.service, job@build.service" in out
+    assert "units: job-lint.socket, job-lint@.service, job@lint.service" in out
+    err = res.stderr.decode()
+    assert "job 'build' names credential 'missing', which is not stored" in err
+    assert "sudo jobrunner creds set missing" in err
+    assert "'stored'" not in err
+    assert fakes.calls("systemctl") == []
 
 
 # ------------------------------------------------------------------------------------ permissions
@@ -629,16 +749,36 @@ def test_store_api_with_an_explicit_root(fakes: Fakes, monkeypatch: pytest.Monke
     store = creds.CredentialStore(fakes.root)
     secret = new_secret()
     result = store.store("api-key", secret)
-    assert (result.path, result.dropin, result.replaced) == (
-        fakes.store / "api-key",
-        fakes.dropin("api-key"),
-        False,
-    )
-    assert store.store("api-key", secret).replaced
+    assert (result.path, result.replaced) == (fakes.store / "api-key", False)
+    assert result.notes == (f"systemd-creds: {WARNING}, using anyway.",)
+    assert not fakes.dropin("api-key").exists()
+    legacy = fakes.write_legacy_dropin("api-key")
     [listed] = store.list_credentials()
     assert (listed.name, listed.has_dropin, listed.mode) == ("api-key", True, 0o600)
-    assert store.remove("api-key") == [fakes.dropin("api-key"), fakes.store / "api-key"]
+    result = store.store("api-key", secret)
+    assert result.replaced
+    assert result.notes[1:] == (f"removed {legacy}: it loaded 'api-key' into every run of every job",)
+    [listed] = store.list_credentials()
+    assert (listed.name, listed.has_dropin, listed.mode) == ("api-key", False, 0o600)
+    assert store.remove("api-key") == [fakes.store / "api-key"]
     assert store.list_credentials() == []
+    with pytest.raises(CredentialStoreError, match="no credential 'api-key'") as info:
+        store.remove("api-key")
+    assert info.value.exit_status == 66
+
+
+def test_remove_legacy_dropin(fakes: Fakes) -> None:
+    store = creds.CredentialStore(fakes.root)
+    assert not store.remove_legacy_dropin("api-key"), "none there: not an error"
+    legacy = fakes.write_legacy_dropin("api-key")
+    other = fakes.write_legacy_dropin("other")
+    assert store.dropin("api-key") == legacy
+    assert store.remove_legacy_dropin("api-key")
+    assert not legacy.exists()
+    assert other.exists()
+    assert not store.remove_legacy_dropin("api-key")
+    with pytest.raises(CredentialStoreError):
+        store.remove_legacy_dropin("../x")
 
 
 def test_jobrunner_root_defaults_to_slash(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.e2e
 
 CONFIG = "/etc/jobrunner/jobs.toml"
 COPY = "/var/cache/jobrunner/jobs.toml.marshal"
-IMPORTTIME_DROPIN = "/run/systemd/system/job@.service.d/90-e2e-importtime.conf"
+IMPORTTIME_DROPIN = "/run/systemd/system/job@.service.d/90-e2e-importtime.conf"  # the front door: list
 COPY_MATCHES = f"""
 import marshal, os, sys
 st = os.stat({COPY!r})

@@ -71,23 +71,14 @@ def test_set_encrypts_into_a_root_only_store_that_services_can_use(container: Co
     assert f"Stored credential '{name}' in {path}" in out
     # No TPM2 in the container: systemd-creds' auto mode picks the host key, and the header says so.
     assert "encrypted by systemd-creds with the host key" in out
-    assert f"drop-in {dropin}" in out
-    assert "systemd reloaded" in out
-    assert f'credentials = ["{name}"]' in out
+    # No job names it: nothing loads it, and the output says how to give it to a job.
+    assert "No job uses it yet" in out and f'credentials = ["{name}"]' in out
+    assert not exists(container, dropin)
     assert secret.decode() not in out + err
 
     assert stat(container, STORE) == "700 root root directory"
     assert stat(container, path) == "600 root root regular file"
-    assert stat(container, dropin) == "644 root root regular file"
     assert secret not in container.run(["cat", path]).stdout
-    assert container.run(["cat", dropin]).stdout.decode() == (
-        f"# Written by `jobrunner creds set {name}`; removed by `jobrunner creds rm {name}`.\n"
-        "[Service]\n"
-        f"LoadCredentialEncrypted={name}:{path}\n"
-        "# Used by systemd only when the file above is missing, so the runner can say so (see\n"
-        "# runner/credentials.py); never passed to a job as a key.\n"
-        f"SetCredential={name}:jobrunner:credential-file-missing\n"
-    )
     # Decrypted by systemd for a service: exactly the value, one trailing newline stripped.
     assert decrypt_in_service(container, name, "-p", f"LoadCredentialEncrypted={name}:{path}") == secret
     # The name sealed into the file is checked on decryption: it must be NAME, not the temporary name.
@@ -102,21 +93,20 @@ def test_set_encrypts_into_a_root_only_store_that_services_can_use(container: Co
     assert not [f for f in listing if f.startswith(".jobrunner-tmp-")]
 
 
-def test_the_drop_in_reaches_job_instances(container: Container, name: str) -> None:
-    secret = new_secret()
-    status, _, err = jobrunner(container, "creds", "set", name, stdin=secret)
-    assert status == 0, err
-    unit = f"job@{name}.service"
-    fragment = container.run(["systemctl", "show", "-P", "FragmentPath", unit]).stdout.decode().strip()
+def test_set_and_rm_remove_a_legacy_drop_in(container: Container, name: str) -> None:
+    # Before one unit per job, `creds set` wrote a drop-in of job@.service that loaded the credential
+    # into every run: set (and rm) take it away, so that only the jobs that name it load it.
     dropin = f"{DROPINS}/50-credential-{name}.conf"
-    if fragment:
-        # The real job@.service is installed (by another test): systemd refuses a transient unit of
-        # that name, so ask systemd which drop-ins the instance has instead.
-        dropins = container.run(["systemctl", "show", "-P", "DropInPaths", unit]).stdout.decode()
-        assert dropin in dropins.split()
-        return
-    # A transient job@NAME.service gets the template's drop-ins: no LoadCredentialEncrypted= given here.
-    assert decrypt_in_service(container, name, f"--unit={unit}") == secret
+    legacy = f"[Service]\nLoadCredentialEncrypted={name}:{STORE}/{name}\n"
+    container.run(["sh", "-c", f"mkdir -p {DROPINS} && cat > {dropin}"], input=legacy.encode())
+    status, _, err = jobrunner(container, "creds", "set", name, stdin=new_secret())
+    assert status == 0, err
+    assert f"removed {dropin}" in err
+    assert not exists(container, dropin)
+    container.run(["sh", "-c", f"cat > {dropin}"], input=legacy.encode())
+    status, _, err = jobrunner(container, "creds", "rm", name)
+    assert status == 0, err
+    assert not exists(container, dropin) and not exists(container, f"{STORE}/{name}")
 
 
 def test_replace_then_list_then_rm(container: Container, name: str) -> None:
@@ -133,7 +123,7 @@ def test_replace_then_list_then_rm(container: Container, name: str) -> None:
     [row] = [line.split() for line in out.splitlines() if line.split()[:1] == [name]]
     size = container.run(["stat", "-c", "%s", path]).stdout.decode().strip()
     assert row[1] == size
-    assert row[3] == "yes"
+    assert row[3] == "-"  # no job uses it
     for secret in (first, second):
         assert secret.decode() not in out + err
 

@@ -6,10 +6,13 @@ and returns an `Outcome`: figures, and the list of problems (empty when the clai
 assert that list is empty; bench/hostile.py runs the same functions and prints their figures.
 
 Load and bad input come from inside the container: hostile_client.py (standard library only, run as a
-developer) opens hundreds of connections at once, stalls, dribbles, fuzzes. A connection that systemd
-closes without a word, because job.socket's MaxConnections= (or, on systemd 257, a
-MaxConnectionsPerSource=) is reached, is counted apart as "refused by the socket limit", and must match
-systemd's own count of refusals (the socket's NRefused=): a runner that died without a reply would not.
+developer) opens hundreds of connections at once, stalls, dribbles, fuzzes. /run/job.sock is a front
+door that hands each run to the job's own socket (/run/job/NAME.sock, job-NAME.socket) and its units
+(job-NAME@*.service). A connection that systemd closes without a word, because job.socket's
+MaxConnections= (or, on systemd 257, a MaxConnectionsPerSource=) is reached, and a run the front door
+reports as "did not start" because the job's socket refused it, are counted apart as "refused by the
+socket limit", and must be matched by systemd's own count of refusals (the sockets' NRefused=): a runner
+that died without a reply, or a unit that failed, would not.
 
 What these containers cannot show, and what is done instead: TasksMax= and MemoryMax= need the pids and
 memory cgroup controllers, which this host binds to cgroup v1, and nspawn mounts v1 hierarchies
@@ -52,6 +55,7 @@ from .conftest import (
     make_project,
     run_install,
     store_credential,
+    write_jobs,
 )
 from .container import CGROUP_PARENT, Container
 
@@ -288,7 +292,8 @@ def client(inst: Installation, *args: str, user: str | None = None, timeout: flo
 
 
 def job_units(inst: Installation) -> list[str]:
-    out = inst.sh("systemctl list-units --all --plain --no-legend 'job@*'")
+    # The front doors (job@N-PID-UID.service, job@NAME.service) and the runs (job-NAME@N-PID-UID.service).
+    out = inst.sh("systemctl list-units --all --plain --no-legend 'job@*' 'job-*@*'")
     return [line.split()[0] for line in out.splitlines() if line.strip()]
 
 
@@ -300,9 +305,15 @@ def wait_for_runs_to_end(inst: Installation, timeout: float = 60.0) -> list[str]
     return units
 
 
-def socket_state(inst: Installation) -> dict[str, str]:
-    out = inst.sh("systemctl show job.socket -p ActiveState -p SubState -p Result -p NRefused -p NAccepted")
+def socket_state(inst: Installation, unit: str = "job.socket") -> dict[str, str]:
+    out = inst.sh(f"systemctl show {unit} -p ActiveState -p SubState -p Result -p NRefused -p NAccepted")
     return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+
+
+def refusals(inst: Installation, *jobs: str) -> dict[str, int]:
+    """NRefused of job.socket (the front door) and of the jobs' own sockets (job-NAME.socket)."""
+    units = ["job.socket", *(f"job-{job}.socket" for job in jobs)]
+    return {unit: int(socket_state(inst, unit).get("NRefused") or 0) for unit in units}
 
 
 def log_footers(inst: Installation, job: str) -> dict[str, bool]:
@@ -374,7 +385,7 @@ def edited_config(inst: Installation, edit: Callable[[str], str]) -> Iterator[st
     try:
         yield original
     finally:
-        inst.container.write_file(CONFIG, original)
+        write_jobs(inst.container, original)  # and the jobs' units as they were (jobrunner check)
 
 
 def runner_setting(key: str, value: object) -> Callable[[str], str]:
@@ -443,7 +454,7 @@ def prepare(inst: Installation) -> str:
     ct = inst.container
     ct.copy_in(CLIENT, CLIENT_PATH)
     original = inst.sh(f"cat {CONFIG}")
-    ct.write_file(CONFIG, original + hostile_jobs(inst.credential))
+    write_jobs(ct, original + hostile_jobs(inst.credential))  # and the jobs' units (jobrunner check)
     for user in (SECOND_DEVELOPER, *MORE_DEVELOPERS):
         ct.run(["sh", "-c", f"id {user} >/dev/null 2>&1 || useradd --create-home {user}"])
         ct.run(["usermod", "--append", "--groups", inst.group, user])
@@ -453,7 +464,7 @@ def prepare(inst: Installation) -> str:
 def undo(inst: Installation, original_config: str) -> None:
     ct = inst.container
     wait_for_runs_to_end(inst)
-    ct.write_file(CONFIG, original_config)
+    write_jobs(ct, original_config)
     for user in (SECOND_DEVELOPER, *MORE_DEVELOPERS):
         ct.run(["userdel", "--remove", user], check=False)
     ct.run(["jobrunner", "creds", "rm", SECOND_CREDENTIAL], check=False)
@@ -472,31 +483,50 @@ def hostile(installed: Installation) -> Iterator[Installation]:
 # ------------------------------------------------------------------------------------------------ load
 
 
-def classify(reply: Reply, job_output: str) -> str:
-    """served, busy, refused (closed by systemd without a byte: MaxConnections=), or failed."""
+def not_started(job: str, code: str, message: str) -> bool:
+    """The front door's answer when the job's socket closed without taking the connection (its own
+    MaxConnections=): a refusal by a socket limit, said in words (runner/service.py _not_started)."""
+    return (code, message) in {
+        ("busy", f"job '{job}' did not start: its socket is at its connection limit, or its unit failed"),
+    } or (code == "credential" and message.startswith(f"job '{job}' did not start: systemd could not load"))
+
+
+def classify(reply: Reply, job_output: str, job: str) -> str:
+    """served, busy, refused (closed by systemd without a byte: job.socket's MaxConnections=, or the
+    front door saying the job's socket did not take it: job-JOB.socket's), or failed."""
     if reply.connect_error is not None or reply.timeout:
         return "failed"
     if not reply.raw:
         return "refused"
     final = reply.final()
-    if final is None:
-        return "failed"
-    if final["event"] == "exit" and final["exit_code"] == 0 and reply.output() == job_output:
+    if (
+        final is not None
+        and final["event"] == "exit"
+        and final["exit_code"] == 0
+        and reply.output() == job_output
+    ):
         return "served"
-    if final["event"] == "error" and final["code"] == "busy" and final["message"]:
-        return "busy"
-    return "failed"
+    if final is None or final["event"] != "error":
+        return "failed"
+    if not_started(job, final.get("code", ""), final.get("message", "")):
+        return "refused"
+    return "busy" if final.get("code") == "busy" and final.get("message") else "failed"
 
 
-def classify_jobctl(run: dict[str, Any], job_output: str) -> str:
+def classify_jobctl(run: dict[str, Any], job_output: str, job: str) -> str:
     if run["rc"] == 0 and run["stdout"] == job_output:
         return "served"
+    if (
+        run["rc"] == 75
+        and f"jobctl: error: busy: job '{job}' did not start: its socket is at its" in run["stderr"]
+    ):
+        return "refused"
     if run["rc"] == 75 and "jobctl: error: busy: " in run["stderr"]:
         return "busy"
     if (
         run["rc"] == 255
         and "lost before the final event" in run["stderr"]
-        and "did not start" in run["stderr"]
+        and "closed the connection without a reply" in run["stderr"]
     ):
         return "refused"
     return "failed"
@@ -507,7 +537,7 @@ def load_burst(inst: Installation, connections: int = 500, jobctl_runs: int = 50
     of a slow one (sleep 2): each is served, refused as busy, or refused by the socket limit."""
     out = Outcome("load")
     out.check(not wait_for_runs_to_end(inst), "runs of earlier cases did not end")
-    before = socket_state(inst)
+    before = refusals(inst, "hostile-quick", "hostile-slow")
     logs_before = {**log_footers(inst, "hostile-quick"), **log_footers(inst, "hostile-slow")}
     with SocketSampler(inst) as sampler:
         data = client(
@@ -516,25 +546,28 @@ def load_burst(inst: Installation, connections: int = 500, jobctl_runs: int = 50
         )  # fmt: skip
     left = wait_for_runs_to_end(inst)
     after = socket_state(inst)
+    refused_after = refusals(inst, "hostile-quick", "hostile-slow")
     counts = dict.fromkeys(("served", "busy", "refused", "failed"), 0)
     examples: list[str] = []
     for raw in data["connections"]:
-        kind = classify(Reply.of(raw), "ok\n")
+        kind = classify(Reply.of(raw), "ok\n", "hostile-quick")
         counts[kind] += 1
         if kind == "failed" and len(examples) < 3:
             examples.append(f"connection: {raw!r}"[:500])
     for run in data["jobctl"]:
-        kind = classify_jobctl(run, "slept\n")
+        kind = classify_jobctl(run, "slept\n", "hostile-slow")
         counts[kind] += 1
         if kind == "failed" and len(examples) < 6:
             examples.append(f"jobctl: {run!r}"[:500])
-    refused_by_systemd = int(after["NRefused"]) - int(before["NRefused"])
+    refused_by = {unit: refused_after[unit] - before[unit] for unit in before}
+    refused_by_systemd = sum(refused_by.values())
     logs = {**log_footers(inst, "hostile-quick"), **log_footers(inst, "hostile-slow")}
     new_logs = {name: done for name, done in logs.items() if name not in logs_before}
     out.figures = {
         "tried": connections + jobctl_runs,
         **counts,
         "refused_by_systemd": refused_by_systemd,
+        "refused_by_socket": refused_by,
         "seconds": round(data["seconds"], 1),
         "socket_states": sorted(sampler.states),
         "socket_samples": sampler.samples,
@@ -542,11 +575,14 @@ def load_burst(inst: Installation, connections: int = 500, jobctl_runs: int = 50
     }
     out.check(counts["failed"] == 0, f"{counts['failed']} requests neither ran nor got busy: {examples}")
     out.check(counts["served"] > 0 and counts["busy"] > 0, f"no run or no busy at all: {counts}")
-    # Every connection closed without a word is one systemd refused at MaxConnections=, none is a
-    # runner that died.
+    # Every connection closed without a word (job.socket's MaxConnections=), and every "did not start"
+    # from the front door (the job's socket's MaxConnections=), is one that systemd refused and counted:
+    # none is a runner that died or a unit that failed. systemd may count more, by as many jobctl runs:
+    # jobctl tries the job's socket first, and after a refusal there, the front door once.
     out.check(
-        counts["refused"] == refused_by_systemd,
-        f"{counts['refused']} connections closed without a reply, systemd refused {refused_by_systemd}",
+        counts["refused"] <= refused_by_systemd <= counts["refused"] + jobctl_runs,
+        f"{counts['refused']} connections refused by a socket limit (closed without a reply, or 'did not "
+        f"start'), systemd refused {refused_by_systemd} ({refused_by}), jobctl runs {jobctl_runs}",
     )
     out.check(
         sampler.samples > 0 and sampler.states == {("active", "success")},
@@ -1002,7 +1038,9 @@ def full_disk(inst: Installation) -> Outcome:
 def run_nothing_happened(inst: Installation, cursor: str, logs_before: set[str]) -> list[str]:
     """What shows that a run started since `cursor`: new run logs of e2e-hello, 'started' in the journal."""
     signs = sorted(set(inst.sh(f"ls {inst.logs}/e2e-hello 2>/dev/null || true").split()) - logs_before)
-    journal = journal_since(inst, cursor, "-o", "cat", "-u", "job@*").decode(errors="replace")
+    journal = journal_since(inst, cursor, "-o", "cat", "-u", "job@*", "-u", "job-*@*").decode(
+        errors="replace"
+    )
     signs += [line for line in journal.splitlines() if re.search(r"^run \S+ of job \S+ started", line)]
     return signs
 
@@ -1031,12 +1069,17 @@ def credential_fault(inst: Installation, fault: str) -> Outcome:
             time.sleep(1.5)
         result = inst.jobctl("run", "e2e-hello", "x")
         said = result.stderr.decode(errors="replace")
+        other = inst.jobctl("run", "hostile-quick")  # a job without that credential
         units = wait_for_runs_to_end(inst)
         signs = run_nothing_happened(inst, cursor, logs_before)
         journal = journal_since(inst, cursor, "-o", "cat").decode(errors="replace")
     finally:
         store_credential(inst.container, inst.credential, inst.secret)
     out.check(not units and not signs, f"something ran: {signs} {units}")
+    out.check(
+        other.returncode == 0 and other.stdout == b"ok\n",
+        f"a job without the broken credential: {completed(other)}",
+    )
     out.check(result.stdout == b"", f"the job printed: {result.stdout!r}")
     out.check(inst.secret not in said + journal, "the key reached the client or the journal")
     if fault == "missing":
@@ -1049,9 +1092,14 @@ def credential_fault(inst: Installation, fault: str) -> Outcome:
             f"jobctl said: {result.returncode} {said!r}",
         )
     else:
-        # systemd fails the unit before the runner starts (243/CREDENTIALS) and closes the connection.
+        # systemd fails the job's unit before the runner starts (243/CREDENTIALS) and closes the job's
+        # socket; jobctl asks the front door, which names the job and the credential.
         out.check(
-            result.returncode == 255 and "a stored credential may be corrupt or expired" in said,
+            result.returncode == 78
+            and "jobctl: error: credential: job 'e2e-hello' did not start: systemd could not load its "
+            f"credential '{inst.credential}': corrupt, expired, or encrypted for another machine"
+            in said
+            and f"sudo jobrunner creds set {inst.credential}" in said,
             f"jobctl said: {result.returncode} {said!r}",
         )
         out.check("243/CREDENTIALS" in journal, "the journal does not say 243/CREDENTIALS")
@@ -1082,7 +1130,7 @@ def config_in_flight(inst: Installation) -> Outcome:
         changed = inst.jobctl("run", "hostile-version")
         thread.join()
     finally:
-        inst.container.write_file(CONFIG, original)
+        write_jobs(inst.container, original)
     in_flight = box.get("result", {})
     out.check(overlapped, "the first run ended before the configuration changed: nothing was in flight")
     said = broken.stderr.decode(errors="replace")
@@ -1539,7 +1587,7 @@ def install(ct: Container, *options: str) -> Installation:
     copy_checkout(ct)
     result = run_install(ct, "--project", PROJECT, *options)
     ct.run(["usermod", "--append", "--groups", GROUP, DEVELOPER])
-    ct.write_file(CONFIG, jobs_toml())
+    write_jobs(ct, jobs_toml())
     secret = "demo-" + secrets.token_hex(16)
     store_credential(ct, CREDENTIAL, secret)
     return Installation(
@@ -1552,7 +1600,7 @@ def install(ct: Container, *options: str) -> Installation:
 def install_limited(ct: Container) -> Installation:
     """Installed with install.sh's --tasks-max and --memory-max, and a fork bomb and a memory hog."""
     inst = install(ct, "--tasks-max", str(LIMITS["tasks_max"]), "--memory-max", str(LIMITS["memory_max"]))
-    ct.write_file(CONFIG, jobs_toml() + LIMITED_JOBS)
+    write_jobs(ct, jobs_toml() + LIMITED_JOBS)
     return inst
 
 

@@ -114,7 +114,8 @@ def test_restrict_namespaces(probe: Probe) -> None:
 def test_the_job_gets_only_the_environment_the_runner_builds(probe: Probe) -> None:
     # Nothing of the runner's own (the unit's PYTHONPATH= and GLIBC_TUNABLES=, NOTIFY_SOCKET,
     # LISTEN_FDS, INVOCATION_ID): the job's environment is built, not inherited.
-    job = {"PATH", "LANG", "HOME", "JOB_NAME", "JOB_RUN_ID", "JOB_OUTPUT_DIR", "CREDENTIALS_DIRECTORY"}
+    # The probe names no credential, so its unit loads none: no CREDENTIALS_DIRECTORY either.
+    job = {"PATH", "LANG", "HOME", "JOB_NAME", "JOB_RUN_ID", "JOB_OUTPUT_DIR"}
     assert set(probe.inside["environment"]) == job
     assert "PATH" in probe.outside["environment"]  # the probe does report what it was given
 
@@ -193,10 +194,12 @@ def test_the_runner_reaches_the_journal_and_systemd_from_the_sandbox(installed: 
     # `systemctl status` needs NotifyAccess=main and the notify socket. Both are AF_UNIX, in a read-only /run.
     started = installed.jobctl("--json", "run", "--detach", "e2e-hold")
     run_id = json.loads(started.stdout.decode().splitlines()[0])["run_id"]
-    status = installed.sh("systemctl show --property=StatusText 'job@*.service'")
+    status = installed.sh("systemctl show --property=StatusText 'job-e2e-hold@*.service'")
     assert f"running e2e-hold (run {run_id}) for {installed.developer}" in status, status
     installed.container.run(["journalctl", "--sync"])
     entries = installed.sh(f"journalctl --output=json --no-pager RUN_ID={run_id}")
     fields = [json.loads(line) for line in entries.splitlines()]
     assert fields and all(f["JOB_NAME"] == "e2e-hold" for f in fields), entries
-    assert fields[0]["SYSLOG_IDENTIFIER"] == "jobrunner" and fields[0]["_SYSTEMD_UNIT"].startswith("job@")
+    assert fields[0]["SYSLOG_IDENTIFIER"] == "jobrunner" and fields[0]["_SYSTEMD_UNIT"].startswith(
+        "job-e2e-hold@"
+    )

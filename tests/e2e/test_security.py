@@ -54,6 +54,7 @@ def secured(installed: Installation) -> Installation:
         credential=installed.credential, project=installed.project, developer=installed.developer
     )
     installed.container.run(["sh", "-c", "cat >> /etc/jobrunner/jobs.toml"], input=config.encode())
+    installed.container.run(["jobrunner", "check"])  # the new jobs' units, now (the .path unit races us)
     return installed
 
 
@@ -94,12 +95,12 @@ def test_developer_cannot_read_a_running_jobs_credentials_environment_or_memory(
         environ = secured.container.run(["cat", f"/proc/{pid}/environ"]).stdout
         assert secured.secret.encode() in environ
         creds = secured.container.run(
-            ["sh", "-c", "cat /run/credentials/job@*.service/" + secured.credential]
+            ["sh", "-c", "cat /run/credentials/job-*@*.service/" + secured.credential]
         )
         assert secured.secret.encode() in creds.stdout
         # ... and the developer can reach none of it.
         attempts = {
-            "credential directory": f"cat /run/credentials/job@*.service/{secured.credential}",
+            "credential directory": f"cat /run/credentials/job-*@*.service/{secured.credential}",
             "environ": f"cat /proc/{pid}/environ",
             "memory": f"head -c 100 /proc/{pid}/mem",
             "ptrace": (
@@ -124,7 +125,7 @@ def test_printed_keys_are_redacted_in_the_stream_the_run_log_and_the_journal(sec
     assert "***" in printed and "env: ***" in printed
     log = secured.container.run(["cat", events[-1]["log"]]).stdout
     assert b"***" in log and secured.secret.encode() not in log
-    journal = secured.container.run(["journalctl", "-o", "json", "--no-pager", "-u", "job@*"]).stdout
+    journal = secured.container.run(["journalctl", "-o", "json", "--no-pager", "-u", "job-*@*"]).stdout
     assert journal and secured.secret.encode() not in journal
 
 

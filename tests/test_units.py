@@ -1,0 +1,332 @@
+"""runner/units.py: the units of each job, made from jobs.toml and units/job-NAME@.service.in.
+
+Each job's units must load its credentials and no other, and carry its sandbox; nothing here needs
+systemd (tests/e2e checks that systemd applies them).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from runner import units
+from runner.config import Config, parse_config
+
+REPO = Path(__file__).resolve().parents[1]
+TEMPLATE = REPO / "units" / "job-NAME@.service.in"
+# Written out here, not imported: the paths and names that install.sh, the docs and systemd depend on.
+MISSING_MARK = "jobrunner:credential-file-missing"  # runner/credentials.py's UNAVAILABLE
+SOCKET_INSTALL = "/etc/systemd/system/job.socket.d/10-install.conf"
+JOB_UNITS = "/etc/jobrunner/job-units.conf"
+
+JOBS = {
+    "plain": {"command": ["/bin/true"]},
+    "build": {
+        "command": ["bin/build"],
+        "credentials": ["a", "b"],
+        "env": {"KEY": "credential:a"},
+        "network": "none",
+        "memory_max": "2G",
+        "tasks_max": 128,
+        "jit": True,
+    },
+    "fetch": {
+        "command": ["bin/fetch"],
+        "credentials": ["fetch.token"],
+        "network": ["192.0.2.0/24", "2001:db8::1"],
+    },
+}
+
+
+@pytest.fixture
+def config() -> Config:
+    return parse_config({"runner": {"project": "/srv/project"}, "jobs": JOBS}, "/etc/jobrunner/jobs.toml")
+
+
+@pytest.fixture
+def template() -> str:
+    return TEMPLATE.read_text()
+
+
+def rendered(config: Config, template: str, root: Path) -> dict[str, units.Unit]:
+    found = {unit.path: unit for unit in units.render(config, template, str(root))}
+    assert len(found) == len(units.render(config, template, str(root))), "no path is written twice"
+    return found
+
+
+def text(files: dict[str, units.Unit], path: str) -> str:
+    unit = files[path]
+    assert unit.link is None and unit.text is not None, unit
+    return unit.text
+
+
+def settings(unit_text: str, key: str) -> list[str]:
+    """The values of `KEY=` lines, in order."""
+    return [line.removeprefix(f"{key}=") for line in unit_text.splitlines() if line.startswith(f"{key}=")]
+
+
+def of_job(files: dict[str, units.Unit], job: str) -> dict[str, units.Unit]:
+    prefixes = (f"job-{job}.socket", f"job-{job}@.service", f"job@{job}.service")
+    return {
+        path: unit
+        for path, unit in files.items()
+        if path.startswith(prefixes) or path == f"sockets.target.wants/job-{job}.socket"
+    }
+
+
+# ------------------------------------------------------------------------------------------- the files
+
+
+def test_the_template_is_found_beside_the_code() -> None:
+    assert Path(units.template_path()) == TEMPLATE
+    assert TEMPLATE.is_file()
+
+
+def test_unit_names() -> None:
+    assert units.unit_names("build") == ("job-build.socket", "job-build@.service", "job@build.service")
+
+
+def test_each_job_gets_its_units_and_nothing_is_linked_that_is_not_there(
+    config: Config, template: str, tmp_path: Path
+) -> None:
+    files = rendered(config, template, tmp_path)  # an empty root: no install.sh files, no drop-ins
+
+    expected = set()
+    for job in JOBS:
+        expected |= {
+            f"job-{job}.socket",
+            f"job-{job}@.service",
+            f"job@{job}.service",
+            f"job-{job}@.service.d/30-job-profile.conf",
+            f"job@{job}.service.d/30-job-profile.conf",
+            f"sockets.target.wants/job-{job}.socket",
+        }
+    assert set(files) == expected
+    links = {path: unit.link for path, unit in files.items() if unit.link is not None}
+    assert links == {f"sockets.target.wants/job-{job}.socket": f"../job-{job}.socket" for job in JOBS}
+
+
+def test_install_sh_files_are_linked_in_when_they_exist(
+    config: Config, template: str, tmp_path: Path
+) -> None:
+    for path in (SOCKET_INSTALL, JOB_UNITS):
+        (tmp_path / path.lstrip("/")).parent.mkdir(parents=True)
+        (tmp_path / path.lstrip("/")).write_text("[Service]\n")
+
+    files = rendered(config, template, tmp_path)
+
+    for job in JOBS:
+        # Links to the real paths, not to where the test's root has them.
+        assert files[f"job-{job}.socket.d/10-install.conf"].link == SOCKET_INSTALL
+        assert files[f"job-{job}@.service.d/10-job-units.conf"].link == JOB_UNITS
+        assert files[f"job@{job}.service.d/10-job-units.conf"].link == JOB_UNITS
+    assert not [unit for unit in files.values() if unit.link and str(tmp_path) in unit.link]
+
+
+def test_only_the_install_sh_files_that_exist_are_linked(
+    config: Config, template: str, tmp_path: Path
+) -> None:
+    (tmp_path / "etc/jobrunner").mkdir(parents=True)
+    (tmp_path / JOB_UNITS.lstrip("/")).write_text("[Service]\n")
+
+    files = rendered(config, template, tmp_path)
+
+    assert files["job-build@.service.d/10-job-units.conf"].link == JOB_UNITS
+    assert not [path for path in files if path.endswith("10-install.conf")]
+
+
+def test_an_administrators_drop_ins_for_a_job_reach_its_operator_unit(
+    config: Config, template: str, tmp_path: Path
+) -> None:
+    admin = tmp_path / "etc/systemd/system/job-build@.service.d"
+    admin.mkdir(parents=True)
+    for name in ("50-proc.conf", "20-env.conf", "notes.txt", "99-off.conf.disabled"):
+        (admin / name).write_text("[Service]\n")
+    (tmp_path / "etc/systemd/system/job-other@.service.d").mkdir()
+    (tmp_path / "etc/systemd/system/job-other@.service.d/50-x.conf").write_text("[Service]\n")
+
+    files = rendered(config, template, tmp_path)
+
+    linked = {path: unit.link for path, unit in files.items() if unit.link and "/job-build@" in unit.link}
+    # systemd applies them to job-build@N.service itself; job@build.service is another unit name.
+    assert linked == {
+        "job@build.service.d/20-env.conf": "/etc/systemd/system/job-build@.service.d/20-env.conf",
+        "job@build.service.d/50-proc.conf": "/etc/systemd/system/job-build@.service.d/50-proc.conf",
+    }
+    for job in ("plain", "fetch"):
+        assert not [
+            path for path in of_job(files, job) if path.endswith(("-env.conf", "-proc.conf", "-x.conf"))
+        ]
+
+
+def test_write_puts_files_and_links_in_the_directory(config: Config, template: str, tmp_path: Path) -> None:
+    out = tmp_path / "generator.normal"
+    out.mkdir()
+    root = tmp_path / "root"
+    (root / "etc/jobrunner").mkdir(parents=True)
+    (root / JOB_UNITS.lstrip("/")).write_text("[Service]\n")
+    files = units.render(config, template, str(root))
+
+    units.write(files, str(out))
+
+    for unit in files:
+        path = out / unit.path
+        if unit.link is not None:
+            assert path.is_symlink()
+            assert os.readlink(path) == unit.link
+        else:
+            assert not path.is_symlink()
+            assert path.read_text() == unit.text
+    assert (out / "sockets.target.wants/job-build.socket").resolve() == out / "job-build.socket"
+    written = {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file() or p.is_symlink()}
+    assert written == {unit.path for unit in files}
+
+
+# ----------------------------------------------------------------------------------------- the service
+
+
+def test_the_template_is_filled_in_for_each_job(config: Config, template: str, tmp_path: Path) -> None:
+    assert "@JOB@" in template
+    files = rendered(config, template, tmp_path)
+
+    for job in JOBS:
+        service = text(files, f"job-{job}@.service")
+        assert "@JOB@" not in service
+        (exec_start,) = settings(service, "ExecStart")
+        assert exec_start.endswith(f'runner.__main__.run()" {job}')
+        assert settings(service, "Description") == [f"jobrunner: run %i of job {job}"]
+        assert f"[jobs.{job}] in /etc/jobrunner/jobs.toml" in service.splitlines()[0]
+        # The template's text after the generated header, with only the job's name filled in.
+        assert service.endswith(template.replace("@JOB@", job))
+
+
+def test_the_operator_unit_is_the_same_text_as_the_socket_template(
+    config: Config, template: str, tmp_path: Path
+) -> None:
+    files = rendered(config, template, tmp_path)
+
+    for job in JOBS:
+        assert text(files, f"job@{job}.service") == text(files, f"job-{job}@.service")
+        assert text(files, f"job@{job}.service.d/30-job-profile.conf") == text(
+            files, f"job-{job}@.service.d/30-job-profile.conf"
+        )
+
+
+def test_the_template_loads_no_credential_and_keeps_its_sandbox(template: str) -> None:
+    for key in ("LoadCredential", "LoadCredentialEncrypted", "SetCredential", "ImportCredential"):
+        assert settings(template, key) == [], key
+    assert settings(template, "IPAddressDeny") == ["any"]
+    assert settings(template, "MemoryDenyWriteExecute") == ["yes"]
+    assert settings(template, "PrivateNetwork") == []
+
+
+# ------------------------------------------------------------------------------------------ the profile
+
+
+def profile_of(config: Config, template: str, root: Path, job: str) -> str:
+    return text(rendered(config, template, root), f"job-{job}@.service.d/30-job-profile.conf")
+
+
+def test_a_job_without_credentials_loads_none(config: Config, template: str, tmp_path: Path) -> None:
+    files = of_job(rendered(config, template, tmp_path), "plain")
+
+    for unit in files.values():
+        if unit.text is not None:
+            for key in ("LoadCredentialEncrypted", "LoadCredential", "SetCredential", "ImportCredential"):
+                assert settings(unit.text, key) == [], (unit.path, key)
+    assert "[Service]" in profile_of(config, template, tmp_path, "plain")
+
+
+def test_a_job_loads_exactly_its_own_credentials(config: Config, template: str, tmp_path: Path) -> None:
+    files = of_job(rendered(config, template, tmp_path), "build")
+    loaded: list[str] = []
+    fallback: list[str] = []
+    for unit in files.values():
+        if unit.text is not None:
+            loaded += settings(unit.text, "LoadCredentialEncrypted")
+            fallback += settings(unit.text, "SetCredential")
+            assert settings(unit.text, "LoadCredential") == []
+            assert settings(unit.text, "ImportCredential") == []
+            assert "fetch.token" not in unit.text, "nothing of job fetch's credentials"
+
+    # Once in each of its two services' profiles.
+    assert loaded == 2 * ["a:/etc/credstore.encrypted/a", "b:/etc/credstore.encrypted/b"]
+    assert fallback == 2 * [f"a:{MISSING_MARK}", f"b:{MISSING_MARK}"]
+    profile = profile_of(config, template, tmp_path, "build")
+    lines = profile.splitlines()
+    # The fallback for each follows its LoadCredentialEncrypted=, in the [Service] section.
+    assert lines.index("[Service]") < lines.index("LoadCredentialEncrypted=a:/etc/credstore.encrypted/a")
+    assert lines.index("SetCredential=a:" + MISSING_MARK) == 1 + lines.index(
+        "LoadCredentialEncrypted=a:/etc/credstore.encrypted/a"
+    )
+
+    fetch = profile_of(config, template, tmp_path, "fetch")
+    assert settings(fetch, "LoadCredentialEncrypted") == ["fetch.token:/etc/credstore.encrypted/fetch.token"]
+    assert settings(fetch, "SetCredential") == [f"fetch.token:{MISSING_MARK}"]
+
+
+def test_network_none(config: Config, template: str, tmp_path: Path) -> None:
+    profile = profile_of(config, template, tmp_path, "build")
+
+    assert settings(profile, "PrivateNetwork") == ["yes"]
+    # An empty assignment first: it resets the template's list, which the next one would only narrow.
+    assert settings(profile, "RestrictAddressFamilies") == ["", "AF_UNIX"]
+    assert settings(profile, "IPAddressAllow") == [""]  # the template's allow-list is gone too
+
+
+def test_a_network_list(config: Config, template: str, tmp_path: Path) -> None:
+    profile = profile_of(config, template, tmp_path, "fetch")
+
+    # Reset, then only these: the template's IPAddressAllow= lines would add to them otherwise.
+    assert settings(profile, "IPAddressAllow") == ["", "192.0.2.0/24 2001:db8::1/128"]
+    assert settings(profile, "PrivateNetwork") == []
+    assert settings(profile, "RestrictAddressFamilies") == []
+
+
+def test_network_any_keeps_the_templates_network(config: Config, template: str, tmp_path: Path) -> None:
+    profile = profile_of(config, template, tmp_path, "plain")
+
+    for key in ("IPAddressAllow", "IPAddressDeny", "PrivateNetwork", "RestrictAddressFamilies"):
+        assert settings(profile, key) == [], key
+
+
+def test_limits_and_jit(config: Config, template: str, tmp_path: Path) -> None:
+    build = profile_of(config, template, tmp_path, "build")
+    assert settings(build, "MemoryMax") == ["2G"]
+    assert settings(build, "TasksMax") == ["128"]
+    assert settings(build, "MemoryDenyWriteExecute") == ["no"]
+
+    plain = profile_of(config, template, tmp_path, "plain")  # install.sh's defaults apply
+    for key in ("MemoryMax", "TasksMax", "MemoryDenyWriteExecute"):
+        assert settings(plain, key) == [], key
+
+
+def test_the_profile_is_one_service_section(config: Config, template: str, tmp_path: Path) -> None:
+    for job in JOBS:
+        lines = profile_of(config, template, tmp_path, job).splitlines()
+        sections = [line for line in lines if line.startswith("[")]
+        assert sections == ["[Service]"]
+        for line in lines:
+            assert not line or line.startswith(("#", "[")) or "=" in line, line
+
+
+# ------------------------------------------------------------------------------------------- the socket
+
+
+def test_the_socket_listens_at_the_jobs_path(
+    config: Config, template: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(
+        "JOBRUNNER_JOB_SOCKETS", str(tmp_path / "elsewhere")
+    )  # the tests' knob, not the unit's
+    files = rendered(config, template, tmp_path)
+
+    for job in JOBS:
+        socket = text(files, f"job-{job}.socket")
+        assert settings(socket, "ListenStream") == [f"/run/job/{job}.sock"]
+        assert settings(socket, "Accept") == ["yes"]
+        assert settings(socket, "WantedBy") == ["sockets.target"]
+        assert settings(socket, "SocketMode") == ["0660"]
+        assert settings(socket, "LoadCredentialEncrypted") == []
