@@ -13,6 +13,7 @@ import subprocess
 
 from runner.config import Config
 from runner.errors import RunnerError
+from runner.handoff import JOB_SOCKETS_DIR
 from runner.units import socket_unit
 
 SYSTEMCTL_TIMEOUT_S = 120.0
@@ -36,16 +37,48 @@ def apply_units(config: Config) -> list[str]:
     done = []
     if wanted:
         _systemctl("start", *wanted)
-    listed = _systemctl("list-units", "--all", "--plain", "--no-legend", "--state=not-found", "job-*.socket")
-    # UNIT LOAD ACTIVE SUB DESCRIPTION: a job's socket still listening, though its unit file is gone.
-    rows = [line.split() for line in listed.splitlines()]
-    stale = [row[0] for row in rows if len(row) > 2 and row[0].endswith(".socket") and row[2] == "active"]
+    listed = _systemctl("list-units", "--all", "--plain", "--no-legend", "job-*.socket")
+    loaded = {word for line in listed.splitlines() for word in line.split() if word.endswith(".socket")}
+    # A job's socket still there though its unit file is gone (LoadState=not-found): a removed job's.
+    stale = [
+        unit
+        for unit in sorted(loaded - set(wanted))
+        if _systemctl("show", "-P", "LoadState", unit, tolerate=True).strip() == "not-found"
+    ]
     if stale:
         # A concurrent reload (jobrunner-config.path) may have stopped them first: that is fine.
         _systemctl("stop", *stale, tolerate=True)
         done.append(f"stopped the sockets of removed jobs: {', '.join(stale)}")
+    done += _remove_dead_sockets(set(config.jobs))
     done.append(f"the units of {len(wanted)} job(s) are in place; their sockets listen")
     return done
+
+
+def _remove_dead_sockets(jobs: set[str]) -> list[str]:
+    """Socket files of removed jobs that nothing listens on: systemd 257 unloads a socket unit whose
+    generated file is gone without stopping it, so RemoveOnStop= never runs for it."""
+    import _socket
+
+    removed = []
+    try:
+        names = os.listdir(JOB_SOCKETS_DIR)
+    except OSError:
+        return []
+    for name in names:
+        path = os.path.join(JOB_SOCKETS_DIR, name)
+        if not name.endswith(".sock") or name.removesuffix(".sock") in jobs:
+            continue
+        probe = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+        try:
+            probe.connect(path)
+        except ConnectionRefusedError:
+            os.unlink(path)
+            removed.append(path)
+        except OSError:
+            pass
+        finally:
+            probe.close()
+    return [f"removed the dead sockets of removed jobs: {', '.join(removed)}"] if removed else []
 
 
 def _systemctl(*args: str, tolerate: bool = False) -> str:

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import re
-import textwrap
 import os
+import re
 import subprocess
 import sys
+import textwrap
 from pathlib import Path, PurePosixPath
 
 import pytest

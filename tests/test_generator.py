@@ -7,6 +7,7 @@ it logs: a key pasted into the file by mistake would end up in the journal.
 from __future__ import annotations
 
 import os
+import secrets
 import subprocess
 import sys
 import textwrap
@@ -18,7 +19,7 @@ from runner import generator, units
 from runner.config import parse_file
 
 REPO = Path(__file__).resolve().parents[1]
-FAKE_SECRET = "sk-test-0123456789abcdefFAKE"  # not a real key: what a pasted one would look like
+FAKE_SECRET = "pasted-" + secrets.token_hex(12)  # made at run time: what a pasted key would look like
 
 VALID = """\
 [runner]
@@ -137,7 +138,9 @@ def test_an_invalid_file_in_a_real_process(config: Path, dirs: list[str]) -> Non
     assert written(dirs[0]) == set()
 
 
-def test_no_file_no_units_and_nothing_to_say(config: Path, dirs: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+def test_no_file_no_units_and_nothing_to_say(
+    config: Path, dirs: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
     assert not config.exists()
 
     assert generator.main(["jobrunner-generator", *dirs]) == 0
@@ -159,7 +162,9 @@ def test_without_jobrunner_config_the_system_file_is_read(
     assert "job-build.socket" in written(dirs[0])
 
 
-def test_a_directory_instead_of_the_file(config: Path, dirs: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_directory_instead_of_the_file(
+    config: Path, dirs: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
     config.mkdir()
 
     assert generator.main(["jobrunner-generator", *dirs]) == 0
@@ -169,7 +174,11 @@ def test_a_directory_instead_of_the_file(config: Path, dirs: list[str], capsys: 
 
 
 def test_a_missing_template_gives_no_units(
-    config: Path, dirs: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    config: Path,
+    dirs: list[str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     config.write_text(VALID)
     missing = tmp_path / "nowhere" / "job-NAME@.service.in"

@@ -29,6 +29,7 @@ import itertools
 import json
 import re
 import secrets
+import shlex
 import subprocess
 import threading
 import time
@@ -772,7 +773,9 @@ def process_faults(inst: Installation) -> dict[str, FaultRun]:
             if f"sleep 900{tag}{n}" in processes
         ]
         # The daemon left the job's process group and session, not the unit's cgroup.
-        in_cgroup = inst.sh(f"cat /sys/fs/cgroup{run.cgroup}/cgroup.procs 2>/dev/null || true").split()
+        # Quoted: the job's slice and unit names hold systemd's escapes (system-job\\x2dNAME.slice).
+        procs_file = shlex.quote(f"/sys/fs/cgroup{run.cgroup}/cgroup.procs")
+        in_cgroup = inst.sh(f"cat {procs_file} 2>/dev/null || true").split()
         run.in_cgroup_during = [
             role for role, pid in job_processes(inst, run).items() if str(pid) in in_cgroup
         ]
@@ -785,8 +788,10 @@ def process_faults(inst: Installation) -> dict[str, FaultRun]:
     ):
         for pid, kb in runner_memory_kb(inst, [r.runner_pid for r in runs.values()]).items():
             memory[pid] = max(kb, memory.get(pid, 0))
-        listed = " ".join(r.cgroup for r in runs.values())
-        existing = inst.sh(f"for c in {listed}; do [ -e /sys/fs/cgroup$c ] && echo $c; done; true").split()
+        listed = " ".join(shlex.quote(r.cgroup) for r in runs.values())
+        existing = inst.sh(
+            f'for c in {listed}; do [ -e "/sys/fs/cgroup$c" ] && printf \'%s\\n\' "$c"; done; true'
+        ).split()
         for name, run in runs.items():
             if run.client_done_s is None and not threads[name][0].is_alive():
                 run.client_done_s = round(time.monotonic() - killed, 1)
