@@ -1046,7 +1046,7 @@ def run_nothing_happened(inst: Installation, cursor: str, logs_before: set[str])
     journal = journal_since(inst, cursor, "-o", "cat", "-u", "job@*", "-u", "job-*@*").decode(
         errors="replace"
     )
-    signs += [line for line in journal.splitlines() if re.search(r"^run \S+ of job \S+ started", line)]
+    signs += [line for line in journal.splitlines() if re.search(r"^run \S+ of job e2e-hello started", line)]
     return signs
 
 
