@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Sequence
 from datetime import datetime
 from typing import NoReturn
 
@@ -264,12 +265,18 @@ def _stored_names() -> set[str] | None:
         return None
 
 
-def _jobs_using() -> dict[str, list[str]]:
-    """credential name -> the jobs that name it; empty when jobs.toml cannot be read."""
+def _jobs_using() -> dict[str, list[str]] | None:
+    """credential name -> the jobs that name it (none without a jobs.toml); None (and a warning) when
+    jobs.toml cannot be read."""
+    if not os.path.exists(config_path()):
+        return {}
     try:
         config = parse_file(config_path())
     except RunnerError:
-        return {}
+        _warn(
+            f"cannot read {config_path()} (`sudo jobrunner check` says why): not saying which jobs use what"
+        )
+        return None
     users: dict[str, list[str]] = {}
     for job in config.jobs.values():
         for name in job.credentials:
@@ -289,7 +296,8 @@ def creds_set(args: argparse.Namespace) -> int:
         _note(note)
     print(f"{'Replaced' if result.replaced else 'Stored'} credential '{name}' in {result.path}")
     print(f"  encrypted by {result.key}")
-    users = _jobs_using().get(name)
+    _reload_after_legacy(result.notes)
+    users = (_jobs_using() or {}).get(name)
     if users:
         print(f"  used by: {', '.join(users)} (from their next run on)")
     else:
@@ -304,12 +312,15 @@ def creds_list(args: argparse.Namespace) -> int:
     if not stored:
         print(f"no credentials in {store.directory}")
         return 0
-    users = _jobs_using()
+    known = _jobs_using()
+    users = known or {}
     rows = [("NAME", "SIZE", "MODIFIED", "JOBS")]
     for c in stored:
         size = "-" if c.size is None else str(c.size)
         modified = "-" if c.modified is None else _date(c.modified)
-        rows.append((c.name, size, modified, ", ".join(users.get(c.name, [])) or "-"))
+        rows.append(
+            (c.name, size, modified, ", ".join(users.get(c.name, [])) or ("-" if known is not None else "?"))
+        )
     width = max(len(r[0]) for r in rows)
     size_width = max(len(r[1]) for r in rows)
     for name, size, modified, jobs in rows:
@@ -322,7 +333,7 @@ def creds_list(args: argparse.Namespace) -> int:
                 f"'{c.name}' has a legacy drop-in ({store.dropin(c.name)}) that loads it into every "
                 f"run: `sudo jobrunner creds set {c.name}` or install.sh removes it"
             )
-        elif c.name not in users:
+        elif known is not None and c.name not in users:
             _note(f"no job uses '{c.name}' (no `credentials` in jobs.toml names it)")
         if c.mode is not None and c.mode & 0o077:
             _warn(f"{store.directory / c.name} has mode {c.mode:04o}: make it 0600 (chmod 600)")
@@ -334,15 +345,31 @@ def creds_list(args: argparse.Namespace) -> int:
 def creds_rm(args: argparse.Namespace) -> int:
     creds.require_root("jobrunner creds rm")
     name = creds.check_name(args.name)
-    for path in creds.CredentialStore.from_environment().remove(name):
+    store = creds.CredentialStore.from_environment()
+    removed = store.remove(name)
+    for path in removed:
         print(f"removed {path}")
-    users = _jobs_using().get(name)
+    if store.dropin(name) in removed:
+        _reload_after_legacy([str(store.dropin(name))])
+    users = (_jobs_using() or {}).get(name)
     if users:
         _warn(
             f"job(s) {', '.join(users)} still name '{name}' in {config_path()}: their runs fail (saying so) "
             f"until it is stored again or removed from their `credentials`; other jobs are not affected"
         )
     return 0
+
+
+def _reload_after_legacy(notes: Sequence[str]) -> None:
+    """A legacy drop-in was removed (`notes` say so): systemd forgets it only at a reload."""
+    if not any(creds.DROPIN_PREFIX in note for note in notes) or not apply.systemd_running():
+        return
+    try:
+        apply.daemon_reload()
+    except RunnerError as e:
+        _warn(f"{e.message}: run `systemctl daemon-reload` for the removal to take effect")
+    else:
+        print("  systemd reloaded: the legacy drop-in no longer applies")
 
 
 def _date(timestamp: float) -> str:

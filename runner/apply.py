@@ -29,6 +29,10 @@ def systemd_running() -> bool:
     return os.path.isdir("/run/systemd/system")  # sd_booted(3)
 
 
+def daemon_reload() -> None:
+    _systemctl("daemon-reload")
+
+
 def apply_units(config: Config) -> list[str]:
     """daemon-reload, then start every job's socket and stop the sockets of removed jobs; returns what
     changed, as lines to show."""

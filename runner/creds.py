@@ -48,7 +48,9 @@ DROPIN_DIR = PurePosixPath("/etc/systemd/system/job@.service.d")
 DROPIN_PREFIX = "50-credential-"
 DROPIN_SUFFIX = ".conf"
 # The drop-in's file name must fit in NAME_MAX (255) too, which leaves 236 characters for NAME.
-MAX_NAME_LENGTH = 255 - len(DROPIN_PREFIX) - len(DROPIN_SUFFIX)
+MAX_NAME_LENGTH = 255  # a file name, and what jobs.toml accepts
+# A legacy drop-in's file name had to fit in NAME_MAX too: no longer name has one.
+LEGACY_MAX_NAME_LENGTH = 255 - len(DROPIN_PREFIX) - len(DROPIN_SUFFIX)
 # Half-written files (ours): not credentials, and not *.conf, so systemd never reads a half-written drop-in.
 TMP_PREFIX = ".jobrunner-tmp-"
 
@@ -105,7 +107,7 @@ def check_name(name: str) -> str:
     if len(name) > MAX_NAME_LENGTH:
         raise CredentialStoreError(
             f"credential name too long ({len(name)} characters)",
-            f"at most {MAX_NAME_LENGTH}, so that its drop-in file name fits in 255",
+            f"at most {MAX_NAME_LENGTH}, a file name's limit",
             exit_status=EX_USAGE,
         )
     if name.startswith(TMP_PREFIX):
@@ -281,6 +283,8 @@ class CredentialStore:
 
     def remove_legacy_dropin(self, name: str) -> bool:
         """Remove job@.service.d/50-credential-NAME.conf if there is one (see the module's docstring)."""
+        if len(name) > LEGACY_MAX_NAME_LENGTH:
+            return False
         try:
             self.dropin(name).unlink()
         except FileNotFoundError:
@@ -335,9 +339,10 @@ class CredentialStore:
     # ----------------------------------------------------------------------------------------- rm
 
     def remove(self, name: str) -> list[Path]:
-        """Remove the drop-in (first: systemd must not be told about a file that is gone) and the file."""
+        """Remove a legacy drop-in (first: systemd must not hear of a file that is gone), then the file."""
         removed: list[Path] = []
-        for path in (self.dropin(name), self.path(name)):
+        legacy = [self.dropin(name)] if len(check_name(name)) <= LEGACY_MAX_NAME_LENGTH else []
+        for path in (*legacy, self.path(name)):
             try:
                 path.unlink()
                 removed.append(path)

@@ -41,7 +41,10 @@ def main(argv: list[str]) -> int:
     except OSError as e:
         sys.stderr.write(f"jobrunner-generator: cannot read {e.filename}: {e.strerror}\n")
         return 0
-    write(render(config, template), normal_dir)
+    try:
+        write(render(config, template), normal_dir)
+    except OSError as e:
+        sys.stderr.write(f"jobrunner-generator: cannot write {e.filename}: {e.strerror}\n")
     return 0
 
 

@@ -104,7 +104,10 @@ def render_job(job: Job, config: Config, template: str, root: str = "/") -> list
                 name = {SOCKET_INSTALL_DROPIN: SOCKET_LINK_NAME, JOB_INSTALL_DROPIN: SERVICE_LINK_NAME}.get(
                     target, os.path.basename(target)
                 )
-                files.append(Unit(f"{directory}/{name}", link=target))
+                path = f"{directory}/{name}"
+                # An administrator's drop-in named like one of ours wins, as systemd lets the one in
+                # /etc win for job-NAME@.service: the same for job@NAME.service.
+                files = [unit for unit in files if unit.path != path] + [Unit(path, link=target)]
     return files
 
 

@@ -386,7 +386,7 @@ def test_eight_bytes_and_a_full_megabyte_are_accepted(fakes: Fakes) -> None:
 
 
 @pytest.mark.parametrize(
-    "name", ["../x", "", "a b", ".", "..", "a/b", "x:y", "with\nnewline", "ä", "a" * 237, "a%i"]
+    "name", ["../x", "", "a b", ".", "..", "a/b", "x:y", "with\nnewline", "ä", "a" * 256, "a%i"]
 )
 def test_invalid_names_are_refused(fakes: Fakes, name: str) -> None:
     for action in ("set", "rm"):
@@ -799,3 +799,25 @@ def test_help_lists_the_exit_statuses() -> None:
         )
         for status in ("64", "65", "66", "69", "74", "77"):
             assert f"\n  {status} " in res.stdout, (argv, status)
+
+
+def test_list_with_an_invalid_jobs_toml_says_it_cannot_tell(fakes: Fakes) -> None:
+    # Not "no job uses it": the file could not be read, so jobrunner does not know.
+    set_ok(fakes, "api-key", new_secret())
+    fakes.config.write_text("[runner\n")
+    res = jobrunner(fakes, "creds", "list")
+    assert res.returncode == 0, res.stderr
+    assert listed(res)["api-key"][2] == "?"
+    err = res.stderr.decode()
+    assert f"cannot read {fakes.config}" in err and "no job uses" not in err
+
+
+def test_names_as_long_as_jobs_toml_allows_are_stored_and_removed(fakes: Fakes) -> None:
+    # 255 characters: a file name's limit, and jobs.toml's; too long for a legacy drop-in, so none is looked for.
+    name = "b" * 255
+    res = jobrunner(fakes, "creds", "set", name, stdin=new_secret())
+    assert res.returncode == 0, res.stderr
+    assert (fakes.store / name).is_file()
+    res = jobrunner(fakes, "creds", "rm", name)
+    assert res.returncode == 0, res.stderr
+    assert not (fakes.store / name).exists()

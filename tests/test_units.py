@@ -330,3 +330,22 @@ def test_the_socket_listens_at_the_jobs_path(
         assert settings(socket, "WantedBy") == ["sockets.target"]
         assert settings(socket, "SocketMode") == ["0660"]
         assert settings(socket, "LoadCredentialEncrypted") == []
+
+
+def test_an_administrators_drop_in_named_like_ours_wins_in_the_operators_unit(tmp_path: Path) -> None:
+    # systemd lets /etc/systemd/system/job-NAME@.service.d/30-job-profile.conf win over the generated one
+    # for socket runs; the generator does the same for job@NAME.service instead of failing to write it.
+    admin = tmp_path / "etc/systemd/system/job-clash@.service.d"
+    admin.mkdir(parents=True)
+    (admin / units.PROFILE_DROPIN).write_text("[Service]\nTasksMax=3\n")
+    config = parse_config(
+        {"runner": {"project": "/srv/p"}, "jobs": {"clash": {"command": ["/bin/true"]}}}, "x"
+    )
+    files = units.render(config, "[Service]\nExecStart=/bin/true\n", str(tmp_path))
+    same = [f for f in files if f.path == f"job@clash.service.d/{units.PROFILE_DROPIN}"]
+    assert (
+        len(same) == 1 and same[0].link == f"/etc/systemd/system/job-clash@.service.d/{units.PROFILE_DROPIN}"
+    )
+    out = tmp_path / "out"
+    units.write(files, str(out))  # no FileExistsError
+    assert (out / f"job-clash@.service.d/{units.PROFILE_DROPIN}").read_text().startswith("# Generated")
