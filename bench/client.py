@@ -114,7 +114,7 @@ def concurrent(spec: dict[str, Any]) -> dict[str, Any]:
     counts MaxConnectionsPerSource= and the runner max_runs_per_user per user), each sending
     `requests_per_client` requests one after the other. All are released at once; the wall time runs
     from the release to the last reply. Runs as root, so that it can become each user."""
-    users, target = spec["users"], spec["target"]
+    users, targets = spec["users"], spec.get("targets") or [spec["target"]]
     per_user, requests = spec["clients"] // len(users), spec["requests_per_client"]
     ready_r, ready_w = os.pipe()
     go_r, go_w = os.pipe()
@@ -128,7 +128,7 @@ def concurrent(spec: dict[str, Any]) -> dict[str, Any]:
                 for fd in (ready_r, go_w, out_r):
                     os.close(fd)
                 _become(user)
-                result = _clients(target, per_user, requests, ready_w, go_r)
+                result = _clients(targets, per_user, requests, ready_w, go_r, len(children) * per_user)
                 data = json.dumps(result).encode()
                 while data:
                     data = data[os.write(out_w, data) :]
@@ -177,14 +177,17 @@ def _become(user: str) -> None:
     os.setuid(entry.pw_uid)
 
 
-def _clients(target: dict[str, Any], count: int, requests: int, ready_w: int, go_r: int) -> dict[str, Any]:
+def _clients(  # noqa: PLR0917
+    targets: list[dict[str, Any]], count: int, requests: int, ready_w: int, go_r: int, first: int
+) -> dict[str, Any]:
+    """`count` clients; client k uses targets[(first + k) % len(targets)] (spread over several jobs)."""
     latencies: list[float] = []
     errors: list[str] = []
     error_count = 0
     go = threading.Event()
     lock = threading.Lock()
 
-    def client() -> None:
+    def client(target: dict[str, Any]) -> None:
         nonlocal error_count
         mine = []
         go.wait()
@@ -199,7 +202,9 @@ def _clients(target: dict[str, Any], count: int, requests: int, ready_w: int, go
         with lock:
             latencies.extend(mine)
 
-    threads = [threading.Thread(target=client) for _ in range(count)]
+    threads = [
+        threading.Thread(target=client, args=(targets[(first + k) % len(targets)],)) for k in range(count)
+    ]
     for t in threads:
         t.start()
     os.write(ready_w, b"r")

@@ -9,9 +9,9 @@ that no nsenter sits between the clock and what it times). Prints one table, eve
 against a baseline measured in the same run, and writes the raw numbers as JSON.
 
 Baselines:
-  floor        floor.socket + floor@.service: job@.service's whole sandbox and credential (generated
-               from `systemctl cat job@x.service`, drop-ins included), ExecStart a shell that reads one
-               line and prints one line. What any per-connection sandboxed service pays.
+  floor        floor.socket + floor@.service: the no-op job's own unit, its whole sandbox and credential
+               (generated from `systemctl cat job-noop@x.service`, drop-ins included), ExecStart a shell
+               that reads one line and prints one line. What any per-connection sandboxed service pays.
   floor-bare   the same socket, a template with nothing but that shell: what the sandbox costs.
   floor-python job@'s sandbox, `python3 -P -S -c "import MODULE"` (started like the runner) a module
                that reads the line and the key and replies: the interpreter's own share.
@@ -121,7 +121,8 @@ notify("STATUS=done")
 sendv("MESSAGE=floor-contract ended", "JOB_NAME=noop")
 """
 # A plain standard-library client of the JSON protocol, started as jobctl is (python3 -I -S, no garbage
-# collection while importing): argparse for its command line, json for the events, one round trip, and
+# collection while importing): argparse for its command line, json for the events, one round trip (to
+# the job's own socket, as jobctl), and
 # none of jobctl's start-up work (no shutil or gettext through argparse). What any such client pays.
 CLIENT_FLOOR_SOURCE = """\
 import gc
@@ -137,7 +138,7 @@ parser.add_argument("command")
 parser.add_argument("name")
 ns = parser.parse_args()
 sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
-sock.connect("/run/job.sock")
+sock.connect(f"/run/job/{ns.name}.sock")  # the job's own socket, as jobctl
 sock.sendall(json.dumps({"op": ns.command, "job": ns.name}).encode() + b"\\n")
 data = b""
 while chunk := sock.recv(1 << 20):
@@ -173,6 +174,19 @@ args = "[0-9]+"
 credentials = ["{CREDENTIAL}"]
 concurrency = "parallel"
 """
+# Throughput is measured over five jobs, each with units of its own (20 clients spread over them).
+NOOP_JOBS = ("noop", "noop2", "noop3", "noop4", "noop5")
+JOBS_TOML += "".join(
+    f'\n[jobs.{job}]\ndescription = "Does nothing, with the key (bench: throughput over 5 jobs)"\n'
+    f'command = ["/bin/true"]\ncredentials = ["{CREDENTIAL}"]\nconcurrency = "parallel"\n'
+    for job in NOOP_JOBS[1:]
+)
+JOBS_TOML += (
+    '\n[jobs.offline]\ndescription = "No network (bench: its exposure)"\n'
+    'command = ["/bin/true"]\nnetwork = "none"\n'
+)
+# systemd-analyze security of these: a job's networked unit, a network = "none" one, the front door.
+EXPOSURE_UNITS = ("job-noop@x.service", "job-offline@x.service", "job@x.service")
 
 
 def log(msg: str) -> None:
@@ -223,9 +237,9 @@ def unit_text(ct: Container, unit: str) -> str:
 
 
 def floor_units(ct: Container) -> None:
-    """floor.socket/floor@.service (job@'s sandbox and credential) and floor-bare (no sandbox)."""
+    """floor.socket/floor@.service (the no-op job's own sandbox and credential) and floor-bare (none)."""
     socket_text = unit_text(ct, "job.socket")
-    service = unit_text(ct, "job@bench.service")
+    service = unit_text(ct, "job-noop@bench.service")
     lines = [line for line in service.splitlines() if not line.startswith("ExecStart=")]
     reply = f"ExecStart=/bin/sh -c '{FLOOR_REPLY}'"
     # Started like the runner: its PYTHONPATH (python-systemd's directory, for -S) with ours in front.
@@ -261,11 +275,11 @@ FLOOR_SOCKETS = ("floor", "floor-python", "floor-contract", "floor-bare")
 
 
 def _runner_pythonpath(unit_lines: list[str]) -> str:
-    """The PYTHONPATH= job@.service sets, drop-ins included."""
+    """The PYTHONPATH= a job's unit sets, drop-ins included."""
     values = [line.partition("=")[2] for line in unit_lines if line.startswith("Environment=")]
     found = environment_of(values).get("PYTHONPATH")
     if not found:
-        raise RuntimeError("job@.service sets no PYTHONPATH=")
+        raise RuntimeError("the job's unit sets no PYTHONPATH=")
     return found
 
 
@@ -341,16 +355,23 @@ FLOOR = socket_target("floor", "/run/floor.sock", "x\n", "floor-ok")
 FLOOR_PYTHON = socket_target("floor-python", "/run/floor-python.sock", "x\n", "floor-ok")
 FLOOR_CONTRACT = socket_target("floor-contract", "/run/floor-contract.sock", "run noop\n", "floor-ok")
 FLOOR_BARE = socket_target("floor-bare", "/run/floor-bare.sock", "x\n", "floor-ok")
-PRODUCT = socket_target("product-raw", "/run/job.sock", "run noop\n", "exited with 0")
+# Raw clients on the job's own socket (what jobctl does), and through the front door (/run/job.sock:
+# one more sandboxed start, the front door's, before the job's own).
+PRODUCT = socket_target("product-raw", "/run/job/noop.sock", "run noop\n", "exited with 0")
+PRODUCT_FRONT_DOOR = socket_target("product-front-door", "/run/job.sock", "run noop\n", "exited with 0")
 PRODUCT_JSON = socket_target(
-    "product-raw-json", "/run/job.sock", '{"op": "run", "job": "noop"}\n', '"exit_code":0'
+    "product-raw-json", "/run/job/noop.sock", '{"op": "run", "job": "noop"}\n', '"exit_code":0'
 )
-FIRST = socket_target("first-byte", "/run/job.sock", "run first\n", "exited with 0")
+FIRST = socket_target("first-byte", "/run/job/first.sock", "run first\n", "exited with 0")
 JOBCTL = exec_target("jobctl", ["jobctl", "run", "noop"])
 CLIENT_FLOOR_SCRIPT = f"{FLOOR_PYTHON_DIR}/minclient.py"
 CLIENT_FLOOR = exec_target("client-floor", ["python3", "-I", "-S", CLIENT_FLOOR_SCRIPT, "run", "noop"])
 # What any Python client pays before its first line runs: the interpreter's start and exit.
 PYTHON_START = exec_target("python-start", ["python3", "-I", "-S", "-c", "pass"])
+
+
+def noop_target(job: str, path: str) -> dict[str, Any]:
+    return socket_target(job, path, f"run {job}\n", "exited with 0")
 
 
 def measure(ct: Container, args: argparse.Namespace) -> dict[str, Any]:
@@ -360,6 +381,7 @@ def measure(ct: Container, args: argparse.Namespace) -> dict[str, Any]:
         "python": _python_version(ct),
         "run_logs_filesystem": ct.run(["stat", "-f", "-c", "%T", f"{PROJECT}/logs"]).stdout.decode().strip(),
     }
+    raw["exposure"] = {unit: _exposure(ct, unit) for unit in EXPOSURE_UNITS}
     n, warmup, pause, seed = args.requests, args.warmup, args.pause, args.seed
     if "latency" in args.only:
         how = sudo_alternative(ct)
@@ -369,7 +391,8 @@ def measure(ct: Container, args: argparse.Namespace) -> dict[str, Any]:
             else []
         )
         targets = [
-            FLOOR_BARE, FLOOR, FLOOR_PYTHON, FLOOR_CONTRACT, PRODUCT, PRODUCT_JSON, JOBCTL, CLIENT_FLOOR,
+            FLOOR_BARE, FLOOR, FLOOR_PYTHON, FLOOR_CONTRACT, PRODUCT, PRODUCT_FRONT_DOOR, PRODUCT_JSON,
+            JOBCTL, CLIENT_FLOOR,
             PYTHON_START,
             FIRST, *alt,
         ]  # fmt: skip
@@ -411,12 +434,17 @@ def measure(ct: Container, args: argparse.Namespace) -> dict[str, Any]:
         raw["latency_root"] = client(ct, "latency", spec, user=None, timeout=3600)
         raw["alternative_sudo"] = how
     if "concurrency" in args.only:
-        raw["concurrency"] = {"product": [], "floor": []}
+        raw["concurrency"] = {"product": [], "product-front-door": [], "floor": []}
+        over_jobs = {
+            "product": [noop_target(job, f"/run/job/{job}.sock") for job in NOOP_JOBS],
+            "product-front-door": [noop_target(job, "/run/job.sock") for job in NOOP_JOBS],
+            "floor": [FLOOR],
+        }
         for round_ in range(args.rounds):
-            for name, target in (("product", PRODUCT), ("floor", FLOOR)):
+            for name, targets in over_jobs.items():
                 log(f"concurrency: {args.clients} x {args.per_client} requests, {name} (round {round_ + 1})")
                 spec = {
-                    "target": target,
+                    "targets": targets,
                     "clients": args.clients,
                     "requests_per_client": args.per_client,
                     "users": list(BENCH_DEVELOPERS),
@@ -434,13 +462,13 @@ def measure(ct: Container, args: argparse.Namespace) -> dict[str, Any]:
             "socat": {"path": socat_path, "line": "", "expect": ""},
             "socat-tee": {"path": socat_tee_path, "line": "", "expect": "", "cleanup": [tee_log]},
             "text": {
-                "path": "/run/job.sock",
+                "path": "/run/job/stream.sock",
                 "line": f"run stream {size}\n",
                 "expect": "exited with 0",
                 "runner": True,  # its peak memory is sampled
             },
             "json": {
-                "path": "/run/job.sock",
+                "path": "/run/job/stream.sock",
                 "line": json.dumps({"op": "run", "job": "stream", "args": [str(size)]}) + "\n",
                 "expect": '"exit_code":0',
                 "runner": True,
@@ -464,6 +492,14 @@ def measure(ct: Container, args: argparse.Namespace) -> dict[str, Any]:
                     raw["stream"][kind].append(result)
         ct.run(["systemctl", "stop", "bench-socat.service", "bench-socat-tee.service"], check=False)
     return raw
+
+
+def _exposure(ct: Container, unit: str) -> float:
+    out = ct.run(["systemd-analyze", "security", "--no-pager", unit], check=False).stdout.decode()
+    for line in out.splitlines():
+        if line.startswith("→ Overall exposure level"):
+            return float(line.split(":")[1].split()[0])
+    raise RuntimeError(f"no exposure level for {unit}: {out[-300:]}")
 
 
 def _systemd_version(ct: Container) -> str:
@@ -522,7 +558,7 @@ def rows(raw: dict[str, Any]) -> list[Row]:  # noqa: PLR0912, PLR0915 - one tabl
 
         fl = ms("floor")
         b50, b95 = pct(fl, 0.5), pct(fl, 0.95)
-        out.append(latency_row("floor: job@'s sandbox + key, sh reply", fl, b50, b95, "itself"))
+        out.append(latency_row("floor: the job's sandbox + key, sh reply", fl, b50, b95, "itself"))
         out.append(latency_row("floor without sandbox (sh reply)", ms("floor-bare"), b50, b95, "floor"))
         for name, label in (  # the interpreter's own share, then with the contract's minimum
             ("floor-python", "floor, python3 -P -S -c: reads line + key"),
@@ -535,9 +571,15 @@ def rows(raw: dict[str, Any]) -> list[Row]:  # noqa: PLR0912, PLR0915 - one tabl
         verdict = _verdict(p50 / b50 <= 1.3 and p95 / b95 <= 1.5)
         out.append(
             latency_row(
-                "no-op job, raw socket (p50 / p95)", product, b50, b95, "floor", f"<=1.3/1.5 {verdict}"
+                "no-op job, raw, its own socket (p50 / p95)", product, b50, b95, "floor",
+                f"<=1.3/1.5 {verdict}",
             )
-        )
+        )  # fmt: skip
+        if "product-front-door" in lat:
+            door = ms("product-front-door")
+            more = pct(door, 0.5) - p50
+            label = "no-op job, raw, through /run/job.sock"
+            out.append(latency_row(label, door, b50, b95, "floor", f"+{more:.1f} ms: the front door's start"))
         if "product-raw-json" in lat:
             json_raw = ms("product-raw-json")
             out.append(latency_row("no-op job, raw socket, JSON request", json_raw, b50, b95, "floor"))
@@ -571,6 +613,17 @@ def rows(raw: dict[str, Any]) -> list[Row]:  # noqa: PLR0912, PLR0915 - one tabl
             ):
                 if name in root:
                     out.append(latency_row(label, ms(name, src=root), r50, r95, "floor (root pass)"))
+    for unit, level in raw.get("exposure", {}).items():
+        limit = 0.6 if unit.startswith(("job-offline", "job@")) else 1.2
+        out.append(
+            (
+                f"systemd-analyze security {unit}",
+                f"{level:6.1f}",
+                "",
+                "",
+                f"<={limit} {_verdict(level <= limit)}",
+            )
+        )
     conc = raw.get("concurrency")
     if conc:
 
@@ -589,13 +642,17 @@ def rows(raw: dict[str, Any]) -> list[Row]:  # noqa: PLR0912, PLR0915 - one tabl
         out.append(("concurrency, floor: throughput", f"{tf:6.1f} req/s", "1.00", "itself", shape))
         out.append(
             (
-                "concurrency, no-op job: throughput",
+                "concurrency, 5 no-op jobs, own sockets",
                 f"{tp:6.1f} req/s{flag}",
                 f"{tp / tf:4.2f}",
                 "floor",
                 f">=0.75 {_verdict(tp / tf >= 0.75)}" + (f", {errors} errors" if errors else ""),
             )
         )
+        if conc.get("product-front-door"):
+            td = throughput(conc["product-front-door"])
+            label = "concurrency, 5 no-op jobs, /run/job.sock"
+            out.append((label, f"{td:6.1f} req/s", f"{td / tf:4.2f}", "floor", "two starts per run"))
         pp, pf = p95(conc["product"]), p95(conc["floor"])
         out.append(("concurrency, floor: p95", f"{pf:6.1f} ms", "1.00", "itself", ""))
         out.append(("concurrency, no-op job: p95", f"{pp:6.1f} ms", f"{pp / pf:4.2f}", "floor", ""))
