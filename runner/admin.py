@@ -12,7 +12,7 @@ from typing import NoReturn
 from runner import apply, creds
 from runner.config import Config, Network, Sandbox, clean_path, config_path, parse_file
 from runner.config import check_config as check_and_cache
-from runner.errors import ConfigError, RunnerError
+from runner.errors import ConfigError, RunnerError, quote_in_full
 from runner.units import unit_names
 
 EX_USAGE = 64
@@ -187,6 +187,8 @@ def _add_no_reload(parser: _Parser, help_text: str) -> None:
 
 
 def check_config(args: argparse.Namespace) -> int:
+    if not args.quiet:
+        quote_in_full()  # by hand: the administrator reads the file anyway
     try:
         config, cache, cache_error = check_and_cache(args.config)
     except ConfigError:
@@ -208,6 +210,14 @@ def check_config(args: argparse.Namespace) -> int:
     print(f"{config.path}: ok, {len(config.jobs)} job(s); project {config.project}")
     if cache and not cache_error:
         print(f"  parsed copy for connections: {cache}")
+    _print_jobs(config)
+    if not args.no_reload and _may_apply(args):
+        _apply(config)
+    return 0
+
+
+def _print_jobs(config: Config) -> None:
+    """Each job with its network, credentials (NOT STORED where so) and groups, and its units."""
     stored = _stored_names()
     for job in config.jobs.values():
         extras = [f"network: {_network(job.sandbox)}"]
@@ -225,9 +235,6 @@ def check_config(args: argparse.Namespace) -> int:
                     f"job '{job.name}' names credential '{name}', which is not stored: its runs fail until "
                     f"`sudo jobrunner creds set {name}`"
                 )
-    if not args.no_reload and _may_apply(args):
-        _apply(config)
-    return 0
 
 
 def reload_units(args: argparse.Namespace) -> int:

@@ -13,7 +13,7 @@ import os
 import re
 
 from runner import config_cache
-from runner.errors import ConfigError
+from runner.errors import ConfigError, quoted
 from runner.value import Value
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (~2.5 ms on every connection)
@@ -389,7 +389,7 @@ def _resolve_program(program: str, project: str) -> str:
 def _check_keys(table: Mapping[str, Any], allowed: tuple[str, ...], where: str) -> None:
     for key in table:
         if key not in allowed:
-            raise ConfigError(f"{where}: unknown key {key!r}", f"valid keys: {', '.join(allowed)}")
+            raise ConfigError(f"{where}: unknown key {quoted(key)}", f"valid keys: {', '.join(allowed)}")
 
 
 def _string(table: Mapping[str, Any], key: str, where: str, default: str) -> str:
@@ -513,8 +513,8 @@ def _ip_prefix(entry: str, where: str) -> str:
         return str(ipaddress.ip_network(entry, strict=True))
     except ValueError as e:
         raise ConfigError(
-            # ipaddress's message quotes the whole entry: "it" instead, so that _short_value's cut holds.
-            f"{where}: key 'network': {_short_value(entry)} is not an IP address or prefix "
+            # ipaddress's message quotes the whole entry: "it" instead, so that quoted()'s cut holds.
+            f"{where}: key 'network': {quoted(entry)} is not an IP address or prefix "
             f"({str(e).replace(repr(entry), 'it')})",
             "write addresses (192.0.2.10, 2001:db8::1) or prefixes (10.0.0.0/8), not host names: "
             "a job's firewall is set when its unit starts, before any name is resolved",
@@ -538,12 +538,6 @@ def _limit(table: Mapping[str, Any], key: str, where: str, suffixes: str, exampl
             return value
     allowed = f'a whole number above 0{" (optionally with K, M, G or T)" if suffixes else ""} or "infinity"'
     raise ConfigError(f"{where}: key {key!r} must be {allowed}", example)
-
-
-def _short_value(value: str) -> str:
-    """A value for a message: at most 40 characters of it (a key pasted in the wrong place is not
-    quoted whole)."""
-    return repr(value) if len(value) <= 40 else repr(value[:37]) + "..."
 
 
 def _type(value: object) -> str:

@@ -32,6 +32,7 @@ from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
 from runner.config import CREDENTIAL_NAME
+from runner.errors import MIN_SECRET_BYTES as SHORTEST_KEY
 from runner.errors import CredentialStoreError
 
 # sysexits(3)
@@ -56,7 +57,7 @@ TMP_PREFIX = ".jobrunner-tmp-"
 
 # The runner redacts every credential value (stripped of surrounding whitespace) from all output: a value
 # this short would also match ordinary words and numbers and mangle the output of every job.
-MIN_SECRET_BYTES = 8
+MIN_SECRET_BYTES = SHORTEST_KEY  # runner.errors.quoted() relies on it
 MAX_SECRET_BYTES = 1024 * 1024  # systemd's CREDENTIAL_SIZE_MAX
 
 ENCRYPT_TIMEOUT_S = 120.0  # a TPM2 can take seconds; a hung one must not hang us

@@ -6,6 +6,28 @@ Each subclass carries the stable error code of the wire protocol (docs/protocol.
 
 from __future__ import annotations
 
+# The shortest value `jobrunner creds set` stores (runner/creds.py): anything shorter is no key.
+MIN_SECRET_BYTES = 8
+
+
+_quote_in_full = False
+
+
+def quote_in_full() -> None:
+    """For `jobrunner check` by hand (root, at a terminal): the administrator sees the whole text."""
+    global _quote_in_full  # noqa: PLW0603 - one switch for one process, set once at its start
+    _quote_in_full = True
+
+
+def quoted(text: str) -> str:
+    """`text`, from a client or jobs.toml, for an error message that no key can redact: the front door
+    holds none, and a job's unit only its own. A key pasted in the wrong place (as a job name, an op,
+    a key of jobs.toml) must not come back whole, so a text as long as a key is cut to its first
+    three characters."""
+    if _quote_in_full or len(text) < MIN_SECRET_BYTES:
+        return repr(text)
+    return f"{text[:3]!r}... ({len(text)} characters)"
+
 
 class RunnerError(Exception):
     """A failure that is reported to the caller as an `error` event, never as a traceback."""

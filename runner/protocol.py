@@ -13,7 +13,7 @@ import shlex
 import time
 
 from runner.config import JOB_NAME
-from runner.errors import ArgumentsError, RequestError, UnknownJobError
+from runner.errors import ArgumentsError, RequestError, UnknownJobError, quoted
 from runner.value import Value
 
 MAX_REQUEST_BYTES = 64 * 1024
@@ -111,7 +111,7 @@ def _parse_text(text: str) -> Request:
         return _run_request(Form.TEXT, rest[0], rest[1:], detach=False)
     if op == "run":
         raise RequestError("'run' needs a job name", "send 'run NAME [ARG ...]'")
-    raise RequestError(f"unknown request {_short(repr(op))}", "send 'list' or 'run NAME [ARG ...]'")
+    raise RequestError(f"unknown request {quoted(op)}", "send 'list' or 'run NAME [ARG ...]'")
 
 
 def _parse_json(text: str) -> Request:
@@ -126,13 +126,13 @@ def _parse_json(text: str) -> Request:
     unknown = set(obj) - JSON_FIELDS
     if unknown:
         raise RequestError(
-            f"unknown field {_short(repr(sorted(unknown)[0]))}", f"fields: {', '.join(sorted(JSON_FIELDS))}"
+            f"unknown field {quoted(str(sorted(unknown)[0]))}", f"fields: {', '.join(sorted(JSON_FIELDS))}"
         )
     op = obj.get("op")
     if op == "list":
         return Request(Form.JSON, "list")
     if op != "run":
-        raise RequestError(f"unknown op {_short(repr(op))}", 'use "run" or "list"')
+        raise RequestError(f"unknown op {quoted(str(op))}", 'use "run" or "list"')
     job, args, detach = obj.get("job"), obj.get("args", []), obj.get("detach", False)
     if not isinstance(job, str):
         raise RequestError('"job" must be a string', "")
@@ -148,7 +148,7 @@ def _parse_json(text: str) -> Request:
 def _run_request(form: Form, job: str, args: list[str], *, detach: bool) -> Request:
     if not JOB_NAME.fullmatch(job):
         raise UnknownJobError(
-            f"no job named {_short(repr(job))}", f"job names match {JOB_NAME.pattern}; try 'list'"
+            f"no job named {quoted(job)}", f"job names match {JOB_NAME.pattern}; try 'list'"
         )
     if len(args) > MAX_ARGUMENTS:
         raise ArgumentsError(f"too many arguments ({len(args)}; at most {MAX_ARGUMENTS})", "")

@@ -28,6 +28,7 @@ from runner.errors import (
     RequestError,
     RunnerError,
     UnknownJobError,
+    quoted,
 )
 from runner.peer import check_allowed, operator_peer, read_peer, user_name
 from runner.protocol import (
@@ -145,7 +146,9 @@ def _hand_over(config: Config, request: Request, peer: Peer, client: _socket.soc
     starting the job's unit (no credential is decrypted for them), then hand the connection over."""
     job = config.jobs.get(request.job)
     if job is None:
-        raise UnknownJobError(f"no job named {request.job!r}", "see the jobs you may run with: jobctl list")
+        raise UnknownJobError(
+            f"no job named {quoted(request.job)}", "see the jobs you may run with: jobctl list"
+        )
     check_allowed(peer, job.name, job.allowed_groups)
     # Arguments are checked by the job's unit, whose error can quote them redacted with its keys: this
     # process holds none, and an argument may be a key pasted by mistake.
@@ -156,6 +159,10 @@ def _hand_over(config: Config, request: Request, peer: Peer, client: _socket.soc
             _missing_units(config, job.name, handoff.job_socket(job.name))
         raise _not_started(job) from None
     journal.log(f"handed a run of job {job.name} to job-{job.name}.socket", journal.PRIORITY_DEBUG)
+
+
+def _unknown_job(name: str) -> UnknownJobError:
+    return UnknownJobError(f"no job named {quoted(name)}", "see the jobs you may run with: jobctl list")
 
 
 def _not_started(job: Job) -> RunnerError:
@@ -179,7 +186,9 @@ def _not_started(job: Job) -> RunnerError:
 def _missing_units(config: Config, job_name: str, what: str) -> None:
     """A job without units of its own: unknown, or added to jobs.toml since they were generated."""
     if job_name not in config.jobs:
-        raise UnknownJobError(f"no job named {job_name!r}", "see the jobs you may run with: jobctl list")
+        raise UnknownJobError(
+            f"no job named {quoted(job_name)}", "see the jobs you may run with: jobctl list"
+        )
     raise ConfigError(
         f"job '{job_name}' has no units of its own yet ({what} is missing)",
         "an administrator generates them: sudo jobrunner check (jobrunner-config.path does it on "
@@ -218,7 +227,9 @@ def run_job(config: Config, request: Request, peer: Peer, context: Context, chan
     """Check the request, run the job, and report its end on the channel (when it is a client)."""
     job = config.jobs.get(request.job)
     if job is None:
-        raise UnknownJobError(f"no job named {request.job!r}", "see the jobs you may run with: jobctl list")
+        raise UnknownJobError(
+            f"no job named {quoted(request.job)}", "see the jobs you may run with: jobctl list"
+        )
     check_allowed(peer, job.name, job.allowed_groups)
     _check_arguments(job, request.args)
     credentials.require(job.credentials, context.secrets, job.name)

@@ -153,9 +153,14 @@ def test_errors_never_carry_the_key(runner: Runner) -> None:
                 conn.sendall(line.encode() + b"\n")
                 reply = read_all(conn)
             assert b"bad-arguments" in reply and secret.encode() not in reply and b"***" in reply
-    # The front door holds no key (it has nothing to redact with): what it refuses itself, it refuses
-    # without starting the job's unit, and the key is not decrypted for it at all.
     assert runner.exit_statuses(4) == [64] * 4
+    # The front door holds no key to redact with: what it refuses itself (a key pasted as a job name, an
+    # op, a field), it quotes cut to three characters, in the reply and in the journal.
+    for line in (f"run {secret}\n", f"{secret}\n", json.dumps({"op": secret}), json.dumps({secret: 1})):
+        reply = runner.request(line.encode() + b"\n")
+        assert b"error" in reply and secret.encode() not in reply and secret[:4].encode() not in reply, reply
+    assert secret not in runner.activator_log.read_text()
+    assert runner.exit_statuses(4, front_door=True)[-4:] == [64] * 4
 
 
 def test_socket_level_garbage(runner: Runner) -> None:
