@@ -1456,7 +1456,9 @@ def secrets_in_errors(inst: Installation) -> Outcome:
     leaks = [Leak(where, found) for where, data in seen.items() if (found := leaked_forms(data, forms))]
     out.figures = {"paths": len(seen), "leaks": len(leaks)}
     out.check(not leaks, f"the key, recognisably: {leaks}")
-    out.check(b"***" in seen["config: unknown key"], f"config error: {seen['config: unknown key']!r}")
+    # Answered by hostile-quick's unit, which does not hold the key: the key is cut, not redacted.
+    cut = f"{key[:3]!r}... ({len(key)} characters)".encode()
+    out.check(cut in seen["config: unknown key"], f"config error: {seen['config: unknown key']!r}")
     return out
 
 
