@@ -146,9 +146,7 @@ def _hand_over(config: Config, request: Request, peer: Peer, client: _socket.soc
     starting the job's unit (no credential is decrypted for them), then hand the connection over."""
     job = config.jobs.get(request.job)
     if job is None:
-        raise UnknownJobError(
-            f"no job named {quoted(request.job)}", "see the jobs you may run with: jobctl list"
-        )
+        raise _unknown_job(request.job)
     check_allowed(peer, job.name, job.allowed_groups)
     # Arguments are checked by the job's unit, whose error can quote them redacted with its keys: this
     # process holds none, and an argument may be a key pasted by mistake.
@@ -186,9 +184,7 @@ def _not_started(job: Job) -> RunnerError:
 def _missing_units(config: Config, job_name: str, what: str) -> None:
     """A job without units of its own: unknown, or added to jobs.toml since they were generated."""
     if job_name not in config.jobs:
-        raise UnknownJobError(
-            f"no job named {quoted(job_name)}", "see the jobs you may run with: jobctl list"
-        )
+        raise _unknown_job(job_name)
     raise ConfigError(
         f"job '{job_name}' has no units of its own yet ({what} is missing)",
         "an administrator generates them: sudo jobrunner check (jobrunner-config.path does it on "
@@ -227,9 +223,7 @@ def run_job(config: Config, request: Request, peer: Peer, context: Context, chan
     """Check the request, run the job, and report its end on the channel (when it is a client)."""
     job = config.jobs.get(request.job)
     if job is None:
-        raise UnknownJobError(
-            f"no job named {quoted(request.job)}", "see the jobs you may run with: jobctl list"
-        )
+        raise _unknown_job(request.job)
     check_allowed(peer, job.name, job.allowed_groups)
     _check_arguments(job, request.args)
     credentials.require(job.credentials, context.secrets, job.name)
