@@ -180,6 +180,12 @@ def test_security_scores(units: Installation) -> None:
         assert match, out
         return float(match.group(1))
 
+    # The generated units verify clean (from the generator's directory, where systemd-analyze finds them).
+    units_of = [f"{prefix}{job}{suffix}" for job in ("e2e-offline", "e2e-listed", "e2e-onecred")
+                for prefix, suffix in (("job-", ".socket"), ("job-", "@x.service"), ("job@", ".service"))]  # fmt: skip
+    verified = ct.run(["sh", "-c", 'cd /run/systemd/generator && systemd-analyze verify "$@"', "sh", *units_of],
+                      check=False)  # fmt: skip
+    assert (verified.returncode, verified.stdout, verified.stderr) == (0, b"", b""), verified
     assert exposure("job-e2e-offline@x.service") <= 0.6
     assert exposure("job-e2e-probe@x.service") <= 1.2
     assert exposure("job@x.service") <= 0.6  # the front door
