@@ -431,7 +431,9 @@ migrate_credential_dropins() {
         say "removed $dropin: a job now loads only the credentials it names in $CONFIG"
     done
     for dropin in /etc/systemd/system/job@.service.d/*.conf; do
-        [ -e "$dropin" ] && [ "$dropin" != "$SERVICE_DROPIN" ] || continue
+        if [ ! -e "$dropin" ] || [ "$dropin" = "$SERVICE_DROPIN" ]; then
+            continue
+        fi
         say "warning: $dropin applies to the front door (job@.service) and to operators' runs, not to"
         say "warning: socket runs: move it to /etc/systemd/system/job-NAME@.service.d/ for job NAME"
     done
@@ -462,6 +464,14 @@ start_socket() {
         # A new group or mode only applies to a freshly created socket. Runs in progress go on.
         systemctl restart job.socket
         say "restarted job.socket (its configuration changed)"
+        # The jobs' sockets link the same drop-in (the group): they need a fresh socket too.
+        local sockets
+        sockets=$(systemctl list-units --plain --no-legend 'job-*.socket' | awk '$1 ~ /\.socket$/ { print $1 }')
+        if [ -n "$sockets" ]; then
+            # shellcheck disable=SC2086 # one word per unit
+            systemctl restart $sockets
+            say "restarted the jobs' sockets: ${sockets//$'\n'/ }"
+        fi
     else
         say "job.socket is running"
     fi

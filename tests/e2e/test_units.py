@@ -262,3 +262,17 @@ def test_upgrade_from_one_unit_for_every_job(container: Container, installed: In
     assert "CREDENTIALS_DIRECTORY" not in probed["environment"]
     ok = installed.jobctl("run", "e2e-hello", "--", "upgraded")
     assert ok.returncode == 0 and b"hello upgraded" in ok.stdout
+
+
+def test_a_new_group_reaches_the_jobs_sockets(units: Installation) -> None:
+    # install.sh --group: the jobs' sockets link job.socket's drop-in, and are made again with it.
+    ct = units.container
+    ct.run(["groupadd", "-f", "e2e-devs"])
+    try:
+        run_install(ct, "--project", units.project, "--group", "e2e-devs")
+        for path in ("/run/job.sock", "/run/job/e2e-nocreds.sock"):
+            assert ct.run(["stat", "-c", "%G %a", path]).stdout.decode().split() == ["e2e-devs", "660"], path
+    finally:
+        run_install(ct, "--project", units.project)
+    assert ct.run(["stat", "-c", "%G", "/run/job/e2e-nocreds.sock"]).stdout.decode().strip() == "jobrunner"
+    assert units.jobctl("run", "e2e-fail").returncode == 3
