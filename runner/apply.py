@@ -36,7 +36,7 @@ def daemon_reload() -> None:
 def apply_units(config: Config) -> list[str]:
     """daemon-reload, then start every job's socket and stop the sockets of removed jobs; returns what
     changed, as lines to show."""
-    _systemctl("daemon-reload")
+    daemon_reload()
     wanted = [socket_unit(name) for name in config.jobs]
     done = []
     if wanted:

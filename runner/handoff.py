@@ -23,7 +23,13 @@ import sys
 
 from runner.errors import RequestError
 from runner.peer import read_peer
-from runner.protocol import MAX_REQUEST_BYTES, REQUEST_DEADLINE_S, NoRequest
+from runner.protocol import (
+    MAX_REQUEST_BYTES,
+    REQUEST_DEADLINE_S,
+    NoRequest,
+    closed_early_error,
+    deadline_error,
+)
 
 JOB_SOCKETS_DIR = "/run/job"  # a job's own socket: /run/job/NAME.sock (a contract, docs/protocol.md)
 HANDOFF_MARK = b"\0jobrunner-handoff\0"
@@ -85,11 +91,9 @@ def receive(conn: _socket.socket, received: bytearray) -> _socket.socket:
             MAX_REQUEST_BYTES + 1, _socket.CMSG_SPACE(_FD_SIZE), _socket.MSG_CMSG_CLOEXEC
         )
     except TimeoutError:
-        raise RequestError(
-            f"no complete request line within {REQUEST_DEADLINE_S:g} s", "send one line, ending in a newline"
-        ) from None
+        raise deadline_error(REQUEST_DEADLINE_S) from None
     except ConnectionError:
-        raise RequestError("the client closed the connection before sending a request", "") from None
+        raise closed_early_error() from None
     fds = _descriptors(ancillary)
     if not data.startswith(HANDOFF_MARK[:1]):  # a client's request never starts with NUL
         for fd in fds:

@@ -46,27 +46,31 @@ class NoRequest(Exception):
     the runner start meanwhile, trigger/preconnect.py) and may then have none (--help, a usage error)."""
 
 
-def read_request_line(conn: _socket.socket, data: bytearray, deadline_s: float = REQUEST_DEADLINE_S) -> bytes:
+def read_request_line(
+    conn: _socket.socket,
+    data: bytearray,
+    deadline_s: float = REQUEST_DEADLINE_S,
+    started: float | None = None,
+) -> bytes:
     """Read up to the first newline, within the deadline and the size limit; raise RequestError otherwise,
     and NoRequest when the connection ends before its first byte.
 
-    `data` collects what arrived, so that a caller can still tell a JSON client from a text one when the
-    request fails to arrive whole.
+    `data` collects what arrived (and may hold what arrived before: runner.handoff's first read), so that
+    a caller can still tell a JSON client from a text one when the request fails to arrive whole.
+    `started`: when the deadline began (time.monotonic()), if before this call.
     """
-    give_up_at = time.monotonic() + deadline_s
+    give_up_at = (time.monotonic() if started is None else started) + deadline_s
     while b"\n" not in data:
         remaining = give_up_at - time.monotonic()
         if remaining <= 0:
-            raise RequestError(
-                f"no complete request line within {deadline_s:g} s", "send one line, ending in a newline"
-            )
+            raise deadline_error(deadline_s)
         conn.settimeout(remaining)
         try:
             chunk = conn.recv(MAX_REQUEST_BYTES + 1 - len(data))
         except TimeoutError:
             continue
         except ConnectionError:
-            raise RequestError("the client closed the connection before sending a request", "") from None
+            raise closed_early_error() from None
         if not chunk:
             if not data:
                 raise NoRequest
@@ -78,6 +82,16 @@ def read_request_line(conn: _socket.socket, data: bytearray, deadline_s: float =
     if not line.strip():
         raise RequestError("empty request", "send 'list' or 'run NAME [ARG ...]'")
     return line.removesuffix(b"\r")
+
+
+def deadline_error(deadline_s: float = REQUEST_DEADLINE_S) -> RequestError:
+    return RequestError(
+        f"no complete request line within {deadline_s:g} s", "send one line, ending in a newline"
+    )
+
+
+def closed_early_error() -> RequestError:
+    return RequestError("the client closed the connection before sending a request", "")
 
 
 def guess_form(data: bytes) -> Form:

@@ -82,10 +82,11 @@ def serve_connection(conn: _socket.socket, job_name: str | None) -> int:
     received = bytearray()
     reply = Reply(Form.TEXT)
     channel: ClientChannel | None = None
+    started = time.monotonic()  # one request deadline, whoever's connection it turns out to be
     try:
         if job_name is not None:
             conn = handoff.receive(conn, received)  # the client's own connection, if handed over
-        line = read_request_line(conn, received)
+        line = read_request_line(conn, received, started=started)
         reply = Reply(guess_form(line))
         request = parse_request(line)
         peer = read_peer(conn)
