@@ -20,6 +20,7 @@ CONFIG=$CONFDIR/jobs.toml
 SOCKET_DROPIN=/etc/systemd/system/job.socket.d/10-install.conf
 SERVICE_DROPIN=/etc/systemd/system/job@.service.d/10-install.conf
 JOB_UNITS_DROPIN=$CONFDIR/job-units.conf  # linked into every job's units by the generator
+API_UNITS_DROPIN=$CONFDIR/api-units.conf  # linked into every API's proxy by the generator
 GENERATOR=$PREFIX/lib/systemd/system-generators/jobrunner-generator
 LEGACY_DROPINS=/etc/systemd/system/job@.service.d/50-credential-  # NAME.conf: before one unit per job
 SYSUSERS=/etc/sysusers.d/jobrunner.conf
@@ -27,7 +28,7 @@ TMPFILES=/etc/tmpfiles.d/jobrunner.conf
 CREDSTORE=/etc/credstore.encrypted
 CACHEDIR=/var/cache/jobrunner  # the parsed copy of $CONFIG (jobrunner-config.service)
 PYTHON=/usr/bin/python3
-APT_PACKAGES=(python3 python3-systemd python3-sdnotify)
+APT_PACKAGES=(python3 python3-systemd python3-sdnotify python3-h11)
 MIN_SYSTEMD=252
 DEFAULT_GROUP=jobrunner
 DEFAULT_TASKS_MAX=64
@@ -191,6 +192,7 @@ missing_packages() {
     else
         "$PYTHON" -c 'import systemd.journal' 2>/dev/null || missing+=(python3-systemd)
         "$PYTHON" -c 'import sdnotify' 2>/dev/null || missing+=(python3-sdnotify)
+        "$PYTHON" -c 'import h11' 2>/dev/null || missing+=(python3-h11)
     fi
     echo "${missing[*]}"
 }
@@ -199,7 +201,7 @@ require_packages() {
     local missing
     missing=$(missing_packages)
     if [ -z "$missing" ]; then
-        say "python3 (3.11+), python3-systemd and python3-sdnotify are installed"
+        say "python3 (3.11+), python3-systemd, python3-sdnotify and python3-h11 are installed"
         return
     fi
     if [ "$NO_APT" = 1 ]; then
@@ -284,6 +286,8 @@ install_units() {
     done
     # The template of every job's units, read by the generator (not a unit file itself).
     put "$SRC/units/job-NAME@.service.in" "$LIBDIR/units/job-NAME@.service.in" 0644
+    # And of every API's proxy ([apis.NAME] in jobs.toml).
+    put "$SRC/units/jobrunner-api-NAME@.service.in" "$LIBDIR/units/jobrunner-api-NAME@.service.in" 0644
 }
 
 install_group() {
@@ -293,6 +297,8 @@ install_group() {
 g $GROUP -
 # The front door's user (job@.service): the jobs' units take a handed-over connection only from it.
 u jobrunner-dispatch - "jobrunner front door" - -
+# Every job's units (each job has a transient user of its own) and no one else: the lock directory's.
+g jobrunner-jobs -
 EOF
     systemd-sysusers "$SYSUSERS"
 }
@@ -365,6 +371,9 @@ install_directories() {
 # service creates belongs to the group; nothing for other users. See tmpfiles.d(5). Written by install.sh.
 d $OUTPUTS 2770 root $GROUP -
 d $LOGS 2770 root $GROUP -
+# The jobs' lock files (concurrency, max_runs_per_user): every job's user, through the group
+# jobrunner-jobs; setgid, so that each lock file is the group's; sticky, so that none deletes another's.
+d /run/jobrunner-locks 3770 root jobrunner-jobs -
 EOF
     systemd-tmpfiles --create "$TMPFILES" ||
         die 1 "systemd-tmpfiles could not create $OUTPUTS and $LOGS (see above)" \
@@ -375,15 +384,16 @@ EOF
 # so they go on PYTHONPATH by name.
 python_deps_path() {
     "$PYTHON" -P -c '
-import os, sdnotify, systemd
-print(":".join(dict.fromkeys(os.path.dirname(os.path.dirname(m.__file__)) for m in (systemd, sdnotify))))
+import os, h11, sdnotify, systemd
+print(":".join(dict.fromkeys(os.path.dirname(os.path.dirname(m.__file__)) for m in (systemd, sdnotify, h11))))
 '
 }
 
 install_dropins() {
     local deps
     deps=$(python_deps_path) ||
-        die 69 "$PYTHON cannot import systemd and sdnotify" "install python3-systemd and python3-sdnotify"
+        die 69 "$PYTHON cannot import systemd, sdnotify and h11" \
+            "install python3-systemd, python3-sdnotify and python3-h11"
     [[ $deps =~ ^/[A-Za-z0-9._/@+:-]*$ ]] ||
         die 69 "python-systemd or sdnotify is in a directory unit files cannot name: $deps" ""
     put_text "$SOCKET_DROPIN" 0644 <<EOF
@@ -416,6 +426,13 @@ SupplementaryGroups=$GROUP
 # The defaults; a job's memory_max and tasks_max override them.
 TasksMax=$TASKS_MAX
 MemoryMax=$MEMORY_MAX
+EOF
+    put_text "$API_UNITS_DROPIN" 0644 <<EOF
+# Written by install.sh: run it again rather than editing this file. jobrunner's generator links it
+# into the proxy of every API (jobrunner-api-NAME@.service.d/10-api-units.conf).
+[Service]
+# The runner's code, then where this machine's python3 has h11 (and python-systemd for the journal).
+Environment=PYTHONPATH=$LIBDIR:$deps
 EOF
 }
 
@@ -540,12 +557,13 @@ uninstall() {
     if systemctl list-unit-files jobrunner-config.path >/dev/null 2>&1; then
         systemctl disable --now jobrunner-config.path --quiet 2>/dev/null || true
     fi
-    systemctl stop 'job-*.socket' 'job@*.service' 'job-*@*.service' 2>/dev/null || true
+    systemctl stop 'job-*.socket' 'job@*.service' 'job-*@*.service' \
+        'jobrunner-api-*.socket' 'jobrunner-api-*@*.service' 2>/dev/null || true
 
     # What the kept directories and group are, before the files that name them go.
     local dirs="" group=""
     if [ -f "$TMPFILES" ]; then
-        dirs=$(awk '$1 == "d" { printf "%s%s", sep, $2; sep = ", " }' "$TMPFILES")
+        dirs=$(awk '$1 == "d" && $2 !~ /^\/run\// { printf "%s%s", sep, $2; sep = ", " }' "$TMPFILES")
         group=$(awk '$1 == "d" { print $5; exit }' "$TMPFILES")
     fi
 
@@ -554,7 +572,7 @@ uninstall() {
     for path in "$BINDIR/jobctl" "$BINDIR/jobrunner-trigger" "$SBINDIR/jobrunner" \
         "$UNITDIR/job.socket" "$UNITDIR/job@.service" "$UNITDIR/jobrunner-config.path" \
         "$UNITDIR/jobrunner-config.service" "$SOCKET_DROPIN" "$SERVICE_DROPIN" "$JOB_UNITS_DROPIN" \
-        "$GENERATOR" "$SYSUSERS" "$TMPFILES" "$LIBDIR" "$DOCDIR" "$CACHEDIR"; do
+        "$API_UNITS_DROPIN" /run/jobrunner-locks "$GENERATOR" "$SYSUSERS" "$TMPFILES" "$LIBDIR" "$DOCDIR" "$CACHEDIR"; do
         if [ -e "$path" ] || [ -L "$path" ]; then
             rm -rf "$path"
             removed+=("$path")
@@ -564,7 +582,8 @@ uninstall() {
     rmdir --ignore-fail-on-non-empty /etc/systemd/system/job.socket.d /etc/systemd/system/job@.service.d \
         "$UNITDIR" 2>/dev/null || true
     systemctl daemon-reload
-    systemctl reset-failed 'job@*.service' 'job-*' job.socket jobrunner-config.service 2>/dev/null || true
+    systemctl reset-failed 'job@*.service' 'job-*' 'jobrunner-api-*' job.socket jobrunner-config.service \
+        2>/dev/null || true
 
     local creds=()
     if [ -d "$CREDSTORE" ]; then

@@ -14,7 +14,7 @@ import subprocess
 from runner.config import Config
 from runner.errors import RunnerError
 from runner.handoff import JOB_SOCKETS_DIR
-from runner.units import socket_unit
+from runner.units import API_SOCKETS_DIR, api_socket_unit, socket_unit
 
 SYSTEMCTL_TIMEOUT_S = 120.0
 EX_UNAVAILABLE = 69
@@ -37,11 +37,13 @@ def apply_units(config: Config) -> list[str]:
     """daemon-reload, then start every job's socket and stop the sockets of removed jobs; returns what
     changed, as lines to show."""
     daemon_reload()
-    wanted = [socket_unit(name) for name in config.jobs]
+    wanted = [api_socket_unit(name) for name in config.apis] + [socket_unit(name) for name in config.jobs]
     done = []
     if wanted:
         _systemctl("start", *wanted)
-    listed = _systemctl("list-units", "--all", "--plain", "--no-legend", "job-*.socket")
+    listed = _systemctl(
+        "list-units", "--all", "--plain", "--no-legend", "job-*.socket", "jobrunner-api-*.socket"
+    )
     loaded = {word for line in listed.splitlines() for word in line.split() if word.endswith(".socket")}
     # A job's socket still there though its unit file is gone (LoadState=not-found): a removed job's.
     stale = [
@@ -52,25 +54,27 @@ def apply_units(config: Config) -> list[str]:
     if stale:
         # A concurrent reload (jobrunner-config.path) may have stopped them first: that is fine.
         _systemctl("stop", *stale, tolerate=True)
-        done.append(f"stopped the sockets of removed jobs: {', '.join(stale)}")
-    done += _remove_dead_sockets(set(config.jobs))
-    done.append(f"the units of {len(wanted)} job(s) are in place; their sockets listen")
+        done.append(f"stopped the sockets of removed jobs and APIs: {', '.join(stale)}")
+    done += _remove_dead_sockets(JOB_SOCKETS_DIR, set(config.jobs), "jobs")
+    done += _remove_dead_sockets(API_SOCKETS_DIR, set(config.apis), "APIs")
+    apis = f" and {len(config.apis)} API(s)" if config.apis else ""
+    done.append(f"the units of {len(config.jobs)} job(s){apis} are in place; their sockets listen")
     return done
 
 
-def _remove_dead_sockets(jobs: set[str]) -> list[str]:
-    """Socket files of removed jobs that nothing listens on: systemd 257 unloads a socket unit whose
-    generated file is gone without stopping it, so RemoveOnStop= never runs for it."""
+def _remove_dead_sockets(directory: str, names: set[str], what: str) -> list[str]:
+    """Socket files of removed jobs (or APIs) that nothing listens on: systemd 257 unloads a socket unit
+    whose generated file is gone without stopping it, so RemoveOnStop= never runs for it."""
     import _socket
 
     removed = []
     try:
-        names = os.listdir(JOB_SOCKETS_DIR)
+        entries = os.listdir(directory)
     except OSError:
         return []
-    for name in names:
-        path = os.path.join(JOB_SOCKETS_DIR, name)
-        if not name.endswith(".sock") or name.removesuffix(".sock") in jobs:
+    for name in entries:
+        path = os.path.join(directory, name)
+        if not name.endswith(".sock") or name.removesuffix(".sock") in names:
             continue
         probe = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
         try:
@@ -82,7 +86,7 @@ def _remove_dead_sockets(jobs: set[str]) -> list[str]:
             pass
         finally:
             probe.close()
-    return [f"removed the dead sockets of removed jobs: {', '.join(removed)}"] if removed else []
+    return [f"removed the dead sockets of removed {what}: {', '.join(removed)}"] if removed else []
 
 
 def _systemctl(*args: str, tolerate: bool = False) -> str:

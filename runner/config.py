@@ -58,6 +58,8 @@ JOB_NAME = NameRule("[a-z][a-z0-9_-]{0,63}", _LOWER, _LOWER + _DIGITS + "_-", 64
 _CREDENTIAL_CHARACTERS = _LETTERS + _DIGITS + "_.-"  # a file name and an fd name for systemd
 CREDENTIAL_NAME = NameRule("[A-Za-z0-9_.-]{1,255}", _CREDENTIAL_CHARACTERS, _CREDENTIAL_CHARACTERS, 255)
 ENV_NAME = NameRule("[A-Za-z_][A-Za-z0-9_]*", _LETTERS + "_", _LETTERS + _DIGITS + "_", None)
+# An API's name is part of unit names (jobrunner-api-NAME.socket) and of $JOB_API_<NAME>_URL.
+API_NAME = NameRule("[a-z][a-z0-9_-]{0,31}", _LOWER, _LOWER + _DIGITS + "_-", 32)
 
 
 class Concurrency(enum.StrEnum):
@@ -99,6 +101,7 @@ class Sandbox(Value):
 class Job(Value):
     __slots__ = (
         "allowed_groups",
+        "apis",
         "args_pattern",
         "command",
         "concurrency",
@@ -124,6 +127,7 @@ class Job(Value):
         allowed_groups: tuple[str, ...],  # empty: anyone who can reach the socket
         concurrency: Concurrency,
         sandbox: Sandbox | None = None,
+        apis: tuple[str, ...] = (),  # [apis.NAME] it reaches through $JOB_API_<NAME>_URL
     ) -> None:
         self.name = name
         self.command = command
@@ -136,6 +140,7 @@ class Job(Value):
         self.allowed_groups = allowed_groups
         self.concurrency = concurrency
         self.sandbox = sandbox or Sandbox()
+        self.apis = apis
 
     def accepts_arguments(self) -> bool:
         return self.args_pattern is not None
@@ -154,8 +159,43 @@ class Job(Value):
             ) from None
 
 
+class Api(Value):
+    """An HTTP API that jobs call without holding its key ([apis.NAME]): runner.apiproxy adds the header
+    `header: value` (with the credential's value for "{credential}") to each request and forwards it to
+    `url` over TLS, outside the job's sandbox."""
+
+    __slots__ = ("ca", "credential", "header", "name", "timeout_s", "url", "value")
+
+    def __init__(  # noqa: PLR0917 - built in one place, with keywords
+        self,
+        name: str,
+        url: str,  # the upstream's base URL: https, or http to a loopback address
+        credential: str,
+        header: str = "Authorization",
+        value: str = "Bearer {credential}",
+        ca: str | None = None,  # a CA bundle to trust for this upstream instead of the system's
+        timeout_s: float = 300.0,  # for the upstream's answer (and each pause in it)
+    ) -> None:
+        self.name = name
+        self.url = url
+        self.credential = credential
+        self.header = header
+        self.value = value
+        self.ca = ca
+        self.timeout_s = timeout_s
+
+    @property
+    def env_name(self) -> str:
+        return api_env_name(self.name)
+
+
+def api_env_name(name: str) -> str:
+    """The variable that holds the API's local base URL in a job's environment."""
+    return f"JOB_API_{name.upper().replace('-', '_')}_URL"
+
+
 class Config(Value):
-    __slots__ = ("jobs", "logs", "max_runs_per_user", "outputs", "path", "project")
+    __slots__ = ("apis", "jobs", "logs", "max_runs_per_user", "outputs", "path", "project")
 
     def __init__(  # noqa: PLR0917
         self,
@@ -165,6 +205,7 @@ class Config(Value):
         logs: str,
         jobs: Mapping[str, Job],
         max_runs_per_user: int = DEFAULT_MAX_RUNS_PER_USER,  # runs one uid may have in flight at once
+        apis: Mapping[str, Api] | None = None,
     ) -> None:
         self.path = path
         self.project = project
@@ -172,6 +213,7 @@ class Config(Value):
         self.logs = logs
         self.jobs = jobs
         self.max_runs_per_user = max_runs_per_user
+        self.apis = apis or {}
 
 
 RUNNER_KEYS = ("project", "outputs", "logs", "max_runs_per_user")
@@ -189,7 +231,10 @@ JOB_KEYS = (
     "memory_max",
     "tasks_max",
     "jit",
+    "apis",
 )
+API_KEYS = ("url", "credential", "header", "value", "ca", "timeout")
+CREDENTIAL_PLACEHOLDER = "{credential}"
 
 
 def config_path() -> str:
@@ -290,10 +335,11 @@ def parse_config(data: Mapping[str, Any], path: str, *, compile_patterns: bool =
     """The configuration `data` (tomllib's result) describes, or a ConfigError. `compile_patterns`: check
     that each job's `args` is a valid regular expression by compiling it (~0.1 ms each); without it,
     an invalid one is only found when an argument is matched against it (Job.argument_matches)."""
-    unknown = set(data) - {"runner", "jobs"}
+    unknown = set(data) - {"runner", "jobs", "apis"}
     if unknown:
         raise ConfigError(
-            f"{path}: unknown table {_names(unknown)}", "the file has a [runner] table and [jobs.NAME] tables"
+            f"{path}: unknown table {_names(unknown)}",
+            "the file has a [runner] table, [jobs.NAME] tables and [apis.NAME] tables",
         )
     runner = data.get("runner")
     if not isinstance(runner, dict):
@@ -309,13 +355,21 @@ def parse_config(data: Mapping[str, Any], path: str, *, compile_patterns: bool =
     jobs = {
         name: _parse_job(name, table, path, project, compile_patterns) for name, table in jobs_table.items()
     }
+    apis = _parse_apis(data.get("apis", {}), path, thorough=compile_patterns)
+    _check_job_apis(jobs, apis, path)
     max_runs = runner.get("max_runs_per_user", DEFAULT_MAX_RUNS_PER_USER)
     if isinstance(max_runs, bool) or not isinstance(max_runs, int) or not 1 <= max_runs <= 1024:
         raise ConfigError(
             f"{path}: [runner]: key 'max_runs_per_user' must be a whole number from 1 to 1024", ""
         )
     return Config(
-        path=path, project=project, outputs=outputs, logs=logs, jobs=jobs, max_runs_per_user=max_runs
+        path=path,
+        project=project,
+        outputs=outputs,
+        logs=logs,
+        jobs=jobs,
+        max_runs_per_user=max_runs,
+        apis=apis,
     )
 
 
@@ -376,6 +430,7 @@ def _parse_job(name: str, table: Any, path: str, project: str, compile_patterns:
         allowed_groups=tuple(_string_list(table, "allowed_groups", where)),
         concurrency=_concurrency(table, where),
         sandbox=_sandbox(table, where, thorough=compile_patterns),
+        apis=tuple(_string_list(table, "apis", where)),
     )
 
 
@@ -548,3 +603,147 @@ def _type(value: object) -> str:
 
 def _names(names: set[str]) -> str:
     return ", ".join(repr(n) for n in sorted(names))
+
+
+# --- [apis.NAME]
+
+
+def _parse_apis(table: Any, path: str, *, thorough: bool) -> dict[str, Api]:
+    if not isinstance(table, dict):
+        raise ConfigError(f"{path}: 'apis' must be tables [apis.NAME]", "")
+    apis = {name: _parse_api(name, value, path, thorough) for name, value in table.items()}
+    seen: dict[str, str] = {}
+    for name in apis:
+        other = seen.setdefault(api_env_name(name), name)
+        if other != name:
+            raise ConfigError(
+                f"{path}: APIs {other!r} and {name!r} would both be ${api_env_name(name)}",
+                "rename one of them ('-' and '_' are the same in the variable's name)",
+            )
+    return apis
+
+
+def _parse_api(name: str, table: Any, path: str, thorough: bool) -> Api:
+    where = f"{path}: API '{name}'"
+    if not API_NAME.fullmatch(name):
+        raise ConfigError(f"{where}: invalid API name", f"API names match {API_NAME.pattern}")
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where}: must be a table [apis.{name}]", "")
+    _check_keys(table, API_KEYS, where)
+    for key in ("url", "credential"):
+        if key not in table:
+            raise ConfigError(f"{where}: missing key {key!r}", API_EXAMPLE)
+    url = _string(table, "url", where, "")
+    credential = _string(table, "credential", where, "")
+    if not CREDENTIAL_NAME.fullmatch(credential):
+        raise ConfigError(
+            f"{where}: key 'credential': invalid credential name {quoted(credential)}",
+            f"credential names match {CREDENTIAL_NAME.pattern}",
+        )
+    header = _string(table, "header", where, "Authorization")
+    value = _string(table, "value", where, "Bearer " + CREDENTIAL_PLACEHOLDER)
+    ca = table.get("ca")
+    if ca is not None and (not isinstance(ca, str) or not ca.startswith("/")):
+        raise ConfigError(
+            f"{where}: key 'ca' must be an absolute path", 'e.g. ca = "/etc/jobrunner/api-ca.pem"'
+        )
+    timeout = table.get("timeout", 300)
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not 0 < timeout <= MAX_TIMEOUT_S:
+        raise ConfigError(f"{where}: key 'timeout' must be a number of seconds above 0", "the default is 300")
+    if thorough:
+        _check_api_url(url, where)
+        _check_header(header, value, where)
+        if ca is not None and not os.path.isfile(ca):
+            raise ConfigError(f"{where}: key 'ca': {ca}: no such file", "a PEM file of CA certificates")
+    return Api(
+        name, url.rstrip("/"), credential, header, value, clean_path(ca) if ca else None, float(timeout)
+    )
+
+
+API_EXAMPLE = 'e.g. url = "https://api.example.com" and credential = "api-key"'
+# Headers the proxy itself sets or that belong to one connection: an API's key never goes in them.
+RESERVED_HEADERS = frozenset(
+    {
+        "host",
+        "content-length",
+        "transfer-encoding",
+        "connection",
+        "keep-alive",
+        "te",
+        "trailer",
+        "upgrade",
+        "proxy-authorization",
+        "proxy-connection",
+        "accept-encoding",
+    }
+)
+_TOKEN_CHARACTERS = frozenset(_LETTERS + _DIGITS + "!#$%&'*+-.^_`|~")  # RFC 9110's tchar
+
+
+def _check_api_url(url: str, where: str) -> None:
+    from urllib.parse import urlsplit  # jobrunner check and the generator only
+
+    hint = "https://HOST[:PORT][/PATH], or http:// to a loopback address (http://127.0.0.1:8080)"
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as e:
+        raise ConfigError(f"{where}: key 'url' is not a valid URL ({e})", hint) from None
+    if parts.scheme not in ("https", "http") or not parts.hostname:
+        raise ConfigError(f"{where}: key 'url' must be an https:// URL with a host, not {quoted(url)}", hint)
+    if parts.username or parts.password or parts.query or parts.fragment or port == 0:
+        raise ConfigError(f"{where}: key 'url' must have no user, password, query or fragment", hint)
+    if parts.scheme == "http" and not _is_loopback(parts.hostname):
+        raise ConfigError(
+            f"{where}: key 'url' is plain http to {parts.hostname}: "
+            "the key would cross the network unencrypted",
+            "use https (http is allowed to a loopback address only)",
+        )
+
+
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _check_header(header: str, value: str, where: str) -> None:
+    if not header or not _TOKEN_CHARACTERS.issuperset(header) or header.lower() in RESERVED_HEADERS:
+        raise ConfigError(
+            f"{where}: key 'header' must be the name of an ordinary HTTP header, not {quoted(header)}",
+            'e.g. header = "Authorization" or "X-Api-Key"',
+        )
+    if CREDENTIAL_PLACEHOLDER not in value:
+        raise ConfigError(
+            f"{where}: key 'value' does not contain {CREDENTIAL_PLACEHOLDER}",
+            'e.g. value = "Bearer {credential}", or value = "{credential}" for the key alone',
+        )
+    if any(c in value for c in "\r\n\0"):
+        raise ConfigError(f"{where}: key 'value' contains a line break or NUL character", "")
+
+
+def _check_job_apis(jobs: Mapping[str, Job], apis: Mapping[str, Api], path: str) -> None:
+    """Each job's `apis` exist; and no job holds a key that an API adds for it."""
+    keys = {api.credential: api.name for api in apis.values()}
+    for job in jobs.values():
+        where = f"{path}: job '{job.name}'"
+        for name in job.apis:
+            if name not in apis:
+                raise ConfigError(
+                    f"{where}: key 'apis': no API {quoted(name)}",
+                    f"define it as [apis.{name}]" if API_NAME.fullmatch(name) else "",
+                )
+            if api_env_name(name) in job.env:
+                raise ConfigError(f"{where}: key 'env': {api_env_name(name)} is set by the runner", "")
+        for credential in job.credentials:
+            if credential in keys:
+                raise ConfigError(
+                    f"{where}: key 'credentials' names {credential!r}, the key of API '{keys[credential]}':"
+                    " a job never holds an API's key",
+                    f'remove it and list the API instead: apis = ["{keys[credential]}"]',
+                )

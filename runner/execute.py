@@ -40,6 +40,13 @@ if TYPE_CHECKING:
     class LogSink(Protocol):
         def write(self, data: bytes) -> None: ...
 
+    class Pollables(Protocol):  # runner.endpoint.Endpoints: the job's API endpoints
+        def poll_fds(self) -> list[tuple[int, int]]: ...
+        def owns(self, fd: int) -> bool: ...
+        def on_ready(self, fd: int) -> None: ...
+        def next_timer(self) -> float | None: ...
+        def check_timers(self, now: float) -> None: ...
+
 
 READ_SIZE = 1 << 20
 PIPE_SIZE = 1 << 20  # the largest an unprivileged process may ask for (fs.pipe-max-size)
@@ -204,8 +211,10 @@ class Supervisor:
         channel: Channel,
         *,
         cancel_when_client_leaves: bool,
+        endpoints: Pollables | None = None,
     ) -> None:
         self.process = process
+        self.endpoints = endpoints
         self.log = log
         self.channel = channel
         self.cancel_when_client_leaves = cancel_when_client_leaves
@@ -256,8 +265,11 @@ class Supervisor:
         client_fd = self.channel.fileno()
         if client_fd is not None:
             poller.register(client_fd, self.channel.poll_events())
+        endpoints = self._register_endpoints(poller)
         for fd, revents in poller.poll(self._next_timer_ms()):
-            if fd == wakeup_r:
+            if endpoints is not None and endpoints.owns(fd):
+                endpoints.on_ready(fd)
+            elif fd == wakeup_r:
                 self._on_wakeup(wakeup_r)
             elif fd == self.process.pidfd:
                 self._on_exit()
@@ -268,6 +280,13 @@ class Supervisor:
         # The client may be found gone here or while its output was sent (_emit): either way, once.
         if self.channel.gone and self.cancel_when_client_leaves:
             self._stop(StopReason.CANCELLED)
+
+    def _register_endpoints(self, poller: select.poll) -> Pollables | None:
+        if self.endpoints is None or self.status is not None:  # no new API requests once the job is gone
+            return None
+        for fd, events in self.endpoints.poll_fds():
+            poller.register(fd, events)
+        return self.endpoints
 
     def _on_output(self, fd: int) -> None:
         name, redactor = self.streams[fd]
@@ -308,6 +327,8 @@ class Supervisor:
     # --- timers
 
     def _check_timers(self, now: float) -> None:
+        if self.endpoints is not None:
+            self.endpoints.check_timers(now)
         if self.status is None and self.stop_reason is None and now >= self.deadline:
             self._stop(StopReason.TIMEOUT)
         if self.status is None and self.kill_at is not None and now >= self.kill_at:
@@ -325,6 +346,9 @@ class Supervisor:
 
     def _next_timer_ms(self) -> int:
         timer = self._next_timer()
+        endpoint_timer = self.endpoints.next_timer() if self.endpoints is not None else None
+        if endpoint_timer is not None:
+            timer = endpoint_timer if timer is None else min(timer, endpoint_timer)
         if timer is None:
             return MAX_POLL_MS
         # poll() takes an int of milliseconds; the loop re-checks its timers after every wake-up anyway.

@@ -20,7 +20,7 @@ import sys
 
 from runner.config import DEFAULT_CONFIG_PATH, parse_file
 from runner.errors import RunnerError
-from runner.units import render, template_path, write
+from runner.units import API_TEMPLATE_NAME, render, template_path, write
 
 
 def main(argv: list[str]) -> int:
@@ -35,6 +35,10 @@ def main(argv: list[str]) -> int:
         config = parse_file(path)
         with open(template_path(), encoding="utf-8") as f:
             template = f.read()
+        api_template = ""
+        if config.apis:
+            with open(template_path(API_TEMPLATE_NAME), encoding="utf-8") as f:
+                api_template = f.read()
     except RunnerError:
         sys.stderr.write(f"jobrunner-generator: {path} is invalid, no job units; see: sudo jobrunner check\n")
         return 0
@@ -42,7 +46,7 @@ def main(argv: list[str]) -> int:
         sys.stderr.write(f"jobrunner-generator: cannot read {e.filename}: {e.strerror}\n")
         return 0
     try:
-        write(render(config, template), normal_dir)
+        write(render(config, template, api_template=api_template), normal_dir)
     except OSError as e:
         sys.stderr.write(f"jobrunner-generator: cannot write {e.filename}: {e.strerror}\n")
     return 0

@@ -14,11 +14,18 @@ from runner.config import Concurrency
 from runner.errors import BusyError, InternalError
 
 QUEUE_POLL_S = 0.2
+# Group-writable: the directory is setgid to jobrunner-jobs, so another job's user can take a slot in
+# a user's lock file that the first job created (max_runs_per_user counts over all jobs).
+LOCK_MODE = 0o660
 Waiter = Callable[[float], bool]
 
 
 def lock_directory(logs: str) -> str:
-    """Where lock files live: the unit's RuntimeDirectory= (out of developers' reach), else by the logs."""
+    """Where lock files live: the jobs' units set $JOBRUNNER_LOCKS (/run/jobrunner-locks, shared by every
+    job's user, out of developers' reach); else a RuntimeDirectory= (tests); else beside the logs."""
+    shared = os.environ.get("JOBRUNNER_LOCKS")
+    if shared:
+        return shared
     runtime = os.environ.get("RUNTIME_DIRECTORY")
     return runtime.split(":")[0] if runtime else os.path.join(logs, ".locks")
 
@@ -32,7 +39,7 @@ def acquire(directory: str, job: str, policy: Concurrency, wait: Waiter) -> int 
         return None
     try:
         os.makedirs(directory, exist_ok=True)
-        fd = os.open(os.path.join(directory, f"{job}.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fd = os.open(os.path.join(directory, f"{job}.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, LOCK_MODE)
     except OSError as e:
         raise InternalError(f"cannot open the lock for job '{job}': {e.strerror}: {e.filename}", "") from None
     while True:
@@ -62,7 +69,9 @@ def acquire_user_slot(directory: str, uid: int, limit: int) -> int:
         raise InternalError(f"cannot create the lock directory: {e.strerror}: {e.filename}", "") from None
     for slot in range(limit):
         fd = os.open(
-            os.path.join(directory, f"user-{uid}.{slot}.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600
+            os.path.join(directory, f"user-{uid}.{slot}.lock"),
+            os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
+            LOCK_MODE,
         )
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -98,6 +98,11 @@ class RunLog:
             if 0 < self._release_cache_every <= self._written - self._released_at:
                 self._release_cache()
 
+    def note(self, text: str) -> None:
+        """A line of the runner's own among the job's output (an API request), marked with '# '."""
+        line = ("" if self._ends_with_newline else "\n") + f"# {text}\n"
+        self.write(line.encode("utf-8", "surrogateescape"))
+
     def footer(self, fields: dict[str, object]) -> None:
         lines = ["" if self._ends_with_newline else "\n", "# ---- end\n"]
         self._write_text(lines + [_field(key, value) for key, value in fields.items()])

@@ -50,6 +50,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Mapping
 
     from runner.config import Config, Job
+    from runner.endpoint import Endpoints
     from runner.execute import Channel, Outcome
     from runner.peer import Peer
     from runner.protocol import Request
@@ -270,11 +271,16 @@ def _run(config: Config, run: Run, context: Context, channel: Channel) -> RunRes
     job, request, run_id = run.job, run.request, run.run_id
     paths = create_run_paths(config.outputs, config.logs, job.name, run_id)
     log = RunLog(paths.log)
+    endpoints = None
     try:
         log.header(_header_fields(run, time.time(), context.redactor))
         try:
+            endpoints = _endpoints(config, job, run_id, log)
             argv = [*job.command, *request.args]
-            process = execute.start(argv, _environment(job, run_id, paths, context), job.workdir)
+            env = _environment(job, run_id, paths, context)
+            if endpoints is not None:
+                env.update(endpoints.urls)
+            process = execute.start(argv, env, job.workdir)
         except RunnerError as e:
             log.footer(
                 {
@@ -292,7 +298,10 @@ def _run(config: Config, run: Run, context: Context, channel: Channel) -> RunRes
             log,
             channel,
             cancel_when_client_leaves=not request.detach,
+            endpoints=endpoints,
         ).run()
+        if endpoints is not None:
+            endpoints.finish()  # the last requests' records, before the log's end
         warned = limits.warnings()  # TasksMax=/MemoryMax= reached: the outcome alone would not say why
         log.footer(
             {
@@ -304,8 +313,31 @@ def _run(config: Config, run: Run, context: Context, channel: Channel) -> RunRes
             }
         )
     finally:
+        if endpoints is not None:
+            endpoints.close()
         log.close()
     return RunResult(run_id, paths, outcome, log.write_error, tuple(warned))
+
+
+def _endpoints(config: Config, job: Job, run_id: str, log: RunLog) -> Endpoints | None:
+    """The job's local endpoints for its APIs (runner.endpoint), or None for a job that lists none."""
+    if not job.apis:
+        return None
+    from runner import endpoint  # only jobs with APIs pay for it
+
+    try:
+        return endpoint.Endpoints(
+            job.name,
+            run_id,
+            [config.apis[name] for name in job.apis],
+            lambda record: log.note(f"api {record.api}: {record.text}"),
+        )
+    except OSError as e:
+        raise InternalError(
+            f"cannot listen for job '{job.name}''s API requests: {e.strerror}",
+            "the job's unit needs AF_INET and the loopback address "
+            f"{endpoint.ENDPOINT_HOST} (jobrunner check rewrites its units)",
+        ) from None
 
 
 def _check_arguments(job: Job, args: tuple[str, ...]) -> None:

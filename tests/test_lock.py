@@ -139,8 +139,16 @@ def test_the_lock_descriptor_is_not_inherited_by_the_job(tmp_path: Path) -> None
 
     assert fd is not None
     assert not os.get_inheritable(fd)  # a job's leftover child must not keep the job "busy"
-    assert (tmp_path / "build.lock").stat().st_mode & 0o777 == 0o600
+    # Group-writable (the unit's UMask=0007 keeps it so): every job's user is in the lock directory's
+    # group, and a user's run slots are shared by all jobs.
+    assert (tmp_path / "build.lock").stat().st_mode & 0o777 == 0o660 & ~_umask()
     lock.release(fd)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def test_the_lock_directory_is_created(tmp_path: Path) -> None:
@@ -221,9 +229,18 @@ def test_parallel_needs_no_lock(tmp_path: Path, holders: list[Holder]) -> None:
 # --------------------------------------------------------------------------------------------- where
 
 
+def test_lock_directory_is_the_shared_one_the_units_name(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("JOBRUNNER_LOCKS", "/run/jobrunner-locks")
+    monkeypatch.setenv("RUNTIME_DIRECTORY", "/run/jobrunner")
+    assert lock.lock_directory(str(tmp_path / "logs")) == "/run/jobrunner-locks"
+
+
 def test_lock_directory_is_the_units_runtime_directory(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
+    monkeypatch.delenv("JOBRUNNER_LOCKS", raising=False)
     monkeypatch.setenv("RUNTIME_DIRECTORY", "/run/jobrunner")
     assert lock.lock_directory(str(tmp_path / "logs")) == "/run/jobrunner"
 

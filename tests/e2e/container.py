@@ -57,6 +57,10 @@ PACKAGES = (
     "python3",
     "python3-systemd",
     "python3-sdnotify",
+    # The API proxy's HTTP parser (runner/apiproxy.py), as install.sh installs it.
+    "python3-h11",
+    # The README's example of a job calling its API with curl (tests/e2e/test_apis.py).
+    "curl",
     "socat",
     "procps",
     "util-linux",
