@@ -13,7 +13,7 @@ from runner import apply, creds
 from runner.config import Config, Network, Sandbox, clean_path, config_path, parse_file
 from runner.config import check_config as check_and_cache
 from runner.errors import ConfigError, RunnerError, quote_in_full
-from runner.units import unit_names
+from runner.units import api_service_template, api_socket_unit, unit_names
 
 EX_USAGE = 64
 EX_INTERRUPTED = 130
@@ -224,10 +224,24 @@ def _print_jobs(config: Config) -> None:
         if job.credentials:
             shown = [c if stored is None or c in stored else f"{c} (NOT STORED)" for c in job.credentials]
             extras.append(f"credentials: {', '.join(shown)}")
+        if job.apis:
+            extras.append(f"apis: {', '.join(job.apis)}")
         if job.allowed_groups:
             extras.append(f"groups: {', '.join(job.allowed_groups)}")
         print(f"  {job.name:<20} {job.description}" + (f" ({'; '.join(extras)})" if extras else ""))
         print(f"  {'':<20} units: {', '.join(unit_names(job.name))}")
+    for api in config.apis.values():
+        key = (
+            api.credential if stored is None or api.credential in stored else f"{api.credential} (NOT STORED)"
+        )
+        jobs = ", ".join(job.name for job in config.jobs.values() if api.name in job.apis) or "none"
+        print(f"  API {api.name:<16} {api.url} (key: {key}; jobs: {jobs})")
+        print(f"  {'':<20} units: {api_socket_unit(api.name)}, {api_service_template(api.name)}")
+        if stored is not None and api.credential not in stored:
+            _warn(
+                f"API '{api.name}' uses credential '{api.credential}', which is not stored: its requests get "
+                f"502 until `sudo jobrunner creds set {api.credential}`"
+            )
     for job in config.jobs.values():
         for name in job.credentials:
             if stored is not None and name not in stored:
@@ -288,6 +302,9 @@ def _jobs_using() -> dict[str, list[str]] | None:
     for job in config.jobs.values():
         for name in job.credentials:
             users.setdefault(name, []).append(job.name)
+    for api in config.apis.values():
+        jobs = ", ".join(job.name for job in config.jobs.values() if api.name in job.apis) or "no job yet"
+        users.setdefault(api.credential, []).append(f"API {api.name} ({jobs})")
     return users
 
 
@@ -308,8 +325,10 @@ def creds_set(args: argparse.Namespace) -> int:
     if users:
         print(f"  used by: {', '.join(users)} (from their next run on)")
     else:
-        print(f"No job uses it yet. To use it in a job, add to the job's table in {config_path()}:")
+        print(f"No job uses it yet. In {config_path()}, either give it to a job (its table):")
         print(f'  credentials = ["{name}"]')
+        print("or, for an HTTP API's key that jobs never see, name it in an [apis.NAME] table:")
+        print(f'  credential = "{name}"')
     return 0
 
 
@@ -341,7 +360,7 @@ def creds_list(args: argparse.Namespace) -> int:
                 f"run: `sudo jobrunner creds set {c.name}` or install.sh removes it"
             )
         elif known is not None and c.name not in users:
-            _note(f"no job uses '{c.name}' (no `credentials` in jobs.toml names it)")
+            _note(f"no job uses '{c.name}' (no `credentials` or [apis.*] in jobs.toml names it)")
         if c.mode is not None and c.mode & 0o077:
             _warn(f"{store.directory / c.name} has mode {c.mode:04o}: make it 0600 (chmod 600)")
     for name in sorted(set(users) - {c.name for c in stored if c.size is not None}):

@@ -292,6 +292,13 @@ class Proxy:
         try:
             if not target.startswith("/"):
                 raise ProxyError(400, "Bad Request", "the request target must be a path (origin-form)")
+            if len(request.target) + sum(len(n) + len(v) + 4 for n, v in request.headers) > MAX_HEADER_BYTES:
+                # h11 applies its limit only while a head is incomplete: one that arrived whole is here.
+                raise ProxyError(
+                    431,
+                    "Request Header Fields Too Large",
+                    f"the request's head is over {MAX_HEADER_BYTES} bytes",
+                )
             record["status"], record["bytes"] = self._forward(request, target)
         except ProxyError as e:
             self._drain_body()
@@ -374,6 +381,9 @@ class Proxy:
         if rest:
             self._send(h11.Data(data=rest))
             sent += len(rest)
+        # Read to its end, the answer must still be closed for http.client to send the next request on
+        # the same connection (read1 leaves it open once a Content-Length is used up).
+        response.close()
         return sent
 
     def _drain_body(self) -> None:
@@ -397,6 +407,8 @@ class Proxy:
                     headers=[
                         (b"Content-Type", b"text/plain; charset=utf-8"),
                         (b"Content-Length", str(len(body)).encode()),
+                        # After a request it could not read, nothing on the connection can be trusted.
+                        *([(b"Connection", b"close")] if error.status in (400, 431) else []),
                     ],
                 )
             )

@@ -46,6 +46,7 @@ VALID_JOB_KEYS = (
     "memory_max",
     "tasks_max",
     "jit",
+    "apis",
 )
 # Set by the runner for every job (docs): `env` may not override them.
 RESERVED_ENV = ("PATH", "LANG", "HOME", "CREDENTIALS_DIRECTORY", "JOB_NAME", "JOB_RUN_ID", "JOB_OUTPUT_DIR")
@@ -875,3 +876,135 @@ def test_parsing_the_checked_copy_still_checks_the_network_value_types(tmp_path:
     for wrong in ([], "all", 5, ["10.0.0.1", 2]):
         with pytest.raises(ConfigError, match="'network'"):
             parse(wrong)
+
+
+# ------------------------------------------------------------------------------------------- [apis.*]
+
+API = """
+[apis.llm]
+url = "https://api.example.com/v1/"
+credential = "llm-key"
+
+[jobs.summarize]
+command = ["/bin/true"]
+apis = ["llm"]
+credentials = ["other-secret"]
+"""
+
+
+def test_an_api_gets_its_defaults_and_a_job_lists_it(tmp_path: Path) -> None:
+    config = load_config(write_config(tmp_path, API))
+
+    api = config.apis["llm"]
+    assert (api.url, api.credential, api.header, api.value) == (
+        "https://api.example.com/v1",  # without the trailing slash: request paths start with one
+        "llm-key",
+        "Authorization",
+        "Bearer {credential}",
+    )
+    assert (api.ca, api.timeout_s) == (None, 300.0)
+    assert api.env_name == "JOB_API_LLM_URL"
+    assert config.jobs["summarize"].apis == ("llm",)
+    assert config.jobs["summarize"].credentials == ("other-secret",)  # other secrets it holds as before
+
+
+def test_every_api_key_is_taken(tmp_path: Path) -> None:
+    ca = tmp_path / "ca.pem"
+    ca.write_text("not checked here beyond existing")
+    config = load_config(
+        write_config(
+            tmp_path,
+            f"""
+            [apis.internal-api]
+            url = "http://127.0.0.1:8080"
+            credential = "internal.token"
+            header = "X-Api-Key"
+            value = "{{credential}}"
+            ca = "{ca}"
+            timeout = 30
+            """,
+        )
+    )
+    api = config.apis["internal-api"]
+    assert (api.header, api.value, api.ca, api.timeout_s) == ("X-Api-Key", "{credential}", str(ca), 30.0)
+    assert api.env_name == "JOB_API_INTERNAL_API_URL"
+
+
+@pytest.mark.parametrize(
+    ("table", "message"),
+    [
+        ('credential = "k"', "missing key 'url'"),
+        ('url = "https://x"', "missing key 'credential'"),
+        ('url = "https://x"\ncredential = "k"\nport = 1', "unknown key 'port'"),
+        ('url = "http://api.example.com"\ncredential = "k"', "plain http to api.example.com"),
+        ('url = "ftp://x"\ncredential = "k"', "must be an https:// URL"),
+        ('url = "https://x/?q=1"\ncredential = "k"', "no user, password, query or fragment"),
+        ('url = "https://user:pw@x"\ncredential = "k"', "no user, password, query or fragment"),
+        ('url = "https://x:99999"\ncredential = "k"', "not a valid URL"),
+        ('url = "https://x"\ncredential = "a/b"', "invalid credential name"),
+        ('url = "https://x"\ncredential = "k"\nheader = "Host"', "ordinary HTTP header"),
+        ('url = "https://x"\ncredential = "k"\nheader = "Bad Header"', "ordinary HTTP header"),
+        ('url = "https://x"\ncredential = "k"\nvalue = "Bearer"', "does not contain {credential}"),
+        ('url = "https://x"\ncredential = "k"\nvalue = "{credential}\\n"', "line break"),
+        ('url = "https://x"\ncredential = "k"\nca = "relative.pem"', "absolute path"),
+        ('url = "https://x"\ncredential = "k"\nca = "/nonexistent/ca.pem"', "no such file"),
+        ('url = "https://x"\ncredential = "k"\ntimeout = 0', "'timeout' must be a number"),
+    ],
+)
+def test_a_bad_api_is_refused_with_the_reason(tmp_path: Path, table: str, message: str) -> None:
+    error = config_error(write_config(tmp_path, f"[apis.llm]\n{table}\n"))
+
+    assert message in error.message
+    assert "API 'llm'" in error.message
+
+
+def test_http_is_allowed_to_a_loopback_address_only(tmp_path: Path) -> None:
+    for url in ("http://127.0.0.1:8080", "http://localhost", "http://[::1]:9000/base"):
+        path = write_config(tmp_path, f'[apis.local]\nurl = "{url}"\ncredential = "k"\n')
+        assert load_config(path).apis["local"].url == url
+
+
+def test_api_names_are_checked_and_must_not_meet_in_one_variable(tmp_path: Path) -> None:
+    assert (
+        "invalid API name"
+        in config_error(write_config(tmp_path, '[apis.LLM]\nurl = "https://x"\ncredential = "k"\n')).message
+    )
+    both = (
+        '[apis.a-b]\nurl = "https://x"\ncredential = "k"\n[apis.a_b]\nurl = "https://y"\ncredential = "k"\n'
+    )
+    assert "would both be $JOB_API_A_B_URL" in config_error(write_config(tmp_path, both)).message
+
+
+def test_a_job_may_list_only_defined_apis(tmp_path: Path) -> None:
+    error = config_error(write_config(tmp_path, '[jobs.j]\ncommand = ["/bin/true"]\napis = ["nope"]\n'))
+
+    assert "no API 'nope'" in error.message
+    assert error.hint == "define it as [apis.nope]"
+
+
+def test_a_job_never_holds_an_apis_key(tmp_path: Path) -> None:
+    body = API.replace('credentials = ["other-secret"]', 'credentials = ["llm-key"]')
+    error = config_error(write_config(tmp_path, body))
+
+    assert "'llm-key', the key of API 'llm'" in error.message
+    assert 'apis = ["llm"]' in error.hint
+    # Nor a job that does not list the API: the key is the proxy's alone.
+    other = API + '\n[jobs.other]\ncommand = ["/bin/true"]\ncredentials = ["llm-key"]\n'
+    assert "the key of API 'llm'" in config_error(write_config(tmp_path, other)).message
+
+
+def test_a_job_cannot_set_its_apis_variable_itself(tmp_path: Path) -> None:
+    body = API + '\n[jobs.summarize.env]\nJOB_API_LLM_URL = "http://elsewhere"\n'
+    assert "JOB_API_LLM_URL is set by the runner" in config_error(write_config(tmp_path, body)).message
+
+
+def test_the_parsed_copy_keeps_the_apis(tmp_path: Path) -> None:
+    import tomllib
+
+    path = write_config(tmp_path, API)
+    with open(path, "rb") as f:
+        data = tomllib.load(f)
+    quick = parse_config(data, path, compile_patterns=False)  # what a connection does with the copy
+
+    assert quick.apis["llm"].url == "https://api.example.com/v1"
+    assert quick.jobs["summarize"].apis == ("llm",)

@@ -278,8 +278,9 @@ def test_set_writes_no_drop_in_reloads_nothing_and_says_how_to_use_it(fakes: Fak
     assert f"Stored credential 'api-key' in {fakes.store / 'api-key'}" in out
     assert "encrypted by systemd-creds with the host key" in out
     # No job names it yet (there is no jobs.toml at all): how to use it.
-    assert f"No job uses it yet. To use it in a job, add to the job's table in {fakes.config}:" in out
+    assert f"No job uses it yet. In {fakes.config}, either give it to a job (its table):" in out
     assert 'credentials = ["api-key"]' in out
+    assert 'credential = "api-key"' in out  # or an API's key, which jobs never see
     assert "drop-in" not in out + res.stderr.decode()
     assert "reload" not in out + res.stderr.decode()
     # systemd-creds' own remarks are passed on as notes.
@@ -293,6 +294,16 @@ def test_set_says_which_jobs_use_it(fakes: Fakes) -> None:
     assert "  used by: build, deploy (from their next run on)\n" in out
     assert "No job uses it yet" not in out
     assert "credentials = [" not in out
+
+
+def test_set_and_list_say_which_api_uses_it(fakes: Fakes) -> None:
+    fakes.write_jobs({"build": ["other"]})
+    with fakes.config.open("a") as f:
+        f.write('\n[apis.llm]\nurl = "https://x"\ncredential = "llm-key"\n')
+        f.write('\n[jobs.summarize]\ncommand = ["/bin/true"]\napis = ["llm"]\n')
+    out = set_ok(fakes, "llm-key", new_secret()).stdout.decode()
+    assert "  used by: API llm (summarize) (from their next run on)\n" in out
+    assert "credentials = [" not in out  # not a hint that jobs.toml would refuse
 
 
 def test_set_removes_a_legacy_drop_in_and_only_its_own(fakes: Fakes) -> None:
@@ -500,7 +511,7 @@ def test_list_notes_unused_credentials_and_warns_of_unstored_ones(fakes: Fakes) 
     assert rows["spare"][2] == "-"
     assert rows["used"][2] == "build"
     err = res.stderr.decode()
-    assert "note: no job uses 'spare' (no `credentials` in jobs.toml names it)" in err
+    assert "note: no job uses 'spare' (no `credentials` or [apis.*] in jobs.toml names it)" in err
     assert "'used'" not in err
     assert "warning: job(s) build, deploy name credential 'missing', which is not stored" in err
 

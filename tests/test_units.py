@@ -349,3 +349,145 @@ def test_an_administrators_drop_in_named_like_ours_wins_in_the_operators_unit(tm
     out = tmp_path / "out"
     units.write(files, str(out))  # no FileExistsError
     assert (out / f"job-clash@.service.d/{units.PROFILE_DROPIN}").read_text().startswith("# Generated")
+
+
+# ---------------------------------------------------------------------------------------------- APIs
+
+API_TEMPLATE = REPO / "units" / "jobrunner-api-NAME@.service.in"
+API_JOBS = {
+    "summarize": {"command": ["bin/summarize"], "apis": ["llm"], "network": "none"},
+    "crawl": {"command": ["bin/crawl"], "apis": ["llm", "search"], "network": ["192.0.2.10"]},
+    "web": {"command": ["bin/web"], "apis": ["search"]},
+    "plain": {"command": ["/bin/true"]},
+}
+APIS = {
+    "llm": {"url": "https://api.example.com", "credential": "llm-key"},
+    "search": {"url": "https://search.example.com/v2", "credential": "search.token", "header": "X-Key"},
+}
+
+
+@pytest.fixture
+def api_config() -> Config:
+    data = {"runner": {"project": "/srv/project"}, "jobs": API_JOBS, "apis": APIS}
+    return parse_config(data, "/etc/jobrunner/jobs.toml")
+
+
+def rendered_apis(config: Config, template: str, root: Path) -> dict[str, units.Unit]:
+    files = units.render(config, template, str(root), api_template=API_TEMPLATE.read_text())
+    return {unit.path: unit for unit in files}
+
+
+def test_each_api_gets_a_socket_and_a_proxy_named_after_it(
+    api_config: Config, template: str, tmp_path: Path
+) -> None:
+    files = rendered_apis(api_config, template, tmp_path)
+
+    socket = text(files, "jobrunner-api-llm.socket")
+    assert settings(socket, "ListenStream") == ["/run/jobrunner-api/llm.sock"]
+    assert settings(socket, "Accept") == ["yes"]
+    assert settings(socket, "DirectoryMode") == ["0700"]  # only root enters; jobs get it bound in
+    assert settings(socket, "SocketMode") == ["0666"]
+    assert "jobs: summarize, crawl" in socket
+    assert files["sockets.target.wants/jobrunner-api-llm.socket"].link == "../jobrunner-api-llm.socket"
+    proxy = text(files, "jobrunner-api-llm@.service")
+    assert "@API@" not in proxy
+    assert settings(proxy, "ExecStart") == [
+        '/usr/bin/python3 -P -S -c "import runner.apiproxy; runner.apiproxy.main()" llm'
+    ]
+    assert settings(proxy, "DynamicUser") == ["yes"]
+
+
+def test_the_proxy_alone_loads_the_apis_key(api_config: Config, template: str, tmp_path: Path) -> None:
+    files = rendered_apis(api_config, template, tmp_path)
+
+    profile = text(files, "jobrunner-api-search@.service.d/30-api-profile.conf")
+    assert settings(profile, "LoadCredentialEncrypted") == [
+        "search.token:/etc/credstore.encrypted/search.token"
+    ]
+    assert settings(profile, "SetCredential") == [f"search.token:{MISSING_MARK}"]
+    assert settings(profile, "User") == ["jobrunner-api-search"]
+    for path, unit in files.items():
+        if path.startswith(("job-", "job@")) and unit.text is not None:
+            for key in ("llm-key", "search.token"):
+                assert key not in unit.text, (path, key)
+
+
+def test_a_job_binds_in_the_sockets_of_the_apis_it_lists_and_no_other(
+    api_config: Config, template: str, tmp_path: Path
+) -> None:
+    files = rendered_apis(api_config, template, tmp_path)
+
+    def binds(job: str) -> list[str]:
+        return settings(text(files, f"job-{job}@.service.d/30-job-profile.conf"), "BindReadOnlyPaths")
+
+    assert binds("summarize") == ["/run/jobrunner-api/llm.sock:/tmp/.jobrunner-api/llm.sock"]
+    assert binds("crawl") == [
+        "/run/jobrunner-api/llm.sock:/tmp/.jobrunner-api/llm.sock",
+        "/run/jobrunner-api/search.sock:/tmp/.jobrunner-api/search.sock",
+    ]
+    assert binds("plain") == []
+    crawl = text(files, "job@crawl.service.d/30-job-profile.conf")  # the operator's unit too
+    assert settings(crawl, "Requires") == ["jobrunner-api-llm.socket jobrunner-api-search.socket"]
+    assert settings(crawl, "After") == ["jobrunner-api-llm.socket jobrunner-api-search.socket"]
+
+
+def test_a_job_with_apis_may_reach_its_endpoint_whatever_its_network(
+    api_config: Config, template: str, tmp_path: Path
+) -> None:
+    files = rendered_apis(api_config, template, tmp_path)
+
+    def profile(job: str) -> str:
+        return text(files, f"job-{job}@.service.d/30-job-profile.conf")
+
+    # network = "none": its own loopback, on which the runner listens (AF_INET for that alone).
+    assert settings(profile("summarize"), "RestrictAddressFamilies") == ["", "AF_UNIX AF_INET"]
+    assert settings(profile("summarize"), "IPAddressAllow") == ["", "127.0.0.1"]
+    assert settings(profile("summarize"), "PrivateNetwork") == ["yes"]
+    # An address list: 127.0.0.1 as well (the kernel connects from it).
+    assert settings(profile("crawl"), "IPAddressAllow") == ["", "192.0.2.10/32", "127.0.0.1"]
+    # The template's allow-list already holds 127.0.0.0/8.
+    assert settings(profile("web"), "IPAddressAllow") == []
+
+
+def test_each_job_runs_as_a_user_of_its_own(api_config: Config, template: str, tmp_path: Path) -> None:
+    files = rendered_apis(api_config, template, tmp_path)
+
+    for job in API_JOBS:
+        for unit in (f"job-{job}@.service", f"job@{job}.service"):
+            assert settings(text(files, f"{unit}.d/30-job-profile.conf"), "User") == [f"job-{job}"]
+    assert settings(template, "User") == []  # none shared in the template
+    assert settings(template, "SupplementaryGroups") == ["jobrunner-jobs"]  # the lock directory's group
+
+
+def test_user_names_fit_what_systemd_accepts_and_stay_apart() -> None:
+    short = units.job_user("build")
+    assert short == "job-build"
+    long_a = units.job_user("a" * 64)
+    long_b = units.job_user("a" * 63 + "b")
+    assert len(long_a) == len(long_b) == 31
+    assert long_a != long_b
+    assert long_a == units.job_user("a" * 64)  # the same name every time: one user per job
+    assert units.user_name("jobrunner-api-", "x" * 32).startswith("jobrunner-api-x")
+    assert len(units.user_name("jobrunner-api-", "x" * 32)) == 31
+    # A job named like the front door's user cannot become it.
+    assert units.job_user("dispatch") != "jobrunner-dispatch"
+
+
+def test_the_generator_writes_the_api_units(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from runner import generator
+
+    config = tmp_path / "jobs.toml"
+    config.write_text(
+        '[runner]\nproject = "/srv/p"\n[apis.llm]\nurl = "https://x"\ncredential = "k"\n'
+        '[jobs.j]\ncommand = ["/bin/true"]\napis = ["llm"]\n'
+    )
+    monkeypatch.setenv("JOBRUNNER_CONFIG", str(config))
+    out = tmp_path / "out"
+
+    assert generator.main(["generator", str(out)]) == 0
+    assert (out / "jobrunner-api-llm.socket").is_file()
+    assert (out / "jobrunner-api-llm@.service").is_file()
+    assert (
+        "BindReadOnlyPaths=/run/jobrunner-api/llm.sock"
+        in (out / "job-j@.service.d/30-job-profile.conf").read_text()
+    )

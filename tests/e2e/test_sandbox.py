@@ -165,7 +165,7 @@ def test_no_core_dumps(probe: Probe) -> None:
     assert probe.inside["core_limit"] == 0
 
 
-def test_identity_is_a_shared_dynamic_user_in_the_developer_group(
+def test_identity_is_a_dynamic_user_of_the_jobs_own_in_the_developer_group(
     probe: Probe, installed: Installation
 ) -> None:
     uid = probe.inside["uid"]
@@ -173,19 +173,28 @@ def test_identity_is_a_shared_dynamic_user_in_the_developer_group(
     gid = int(installed.sh(f"getent group {installed.group} | cut -d: -f3"))
     assert gid in probe.inside["groups"]  # SupplementaryGroups=, for outputs and logs
     assert probe.inside["umask"] == "0007"
-    # User=jobrunner-job is fixed: every run gets the same uid (while any run holds it).
+    # User=job-e2e-probe: every run of the job gets the same uid (while any run holds it)...
     again = installed.jobctl("run", "e2e-probe")
     assert json.loads(again.stdout.decode().splitlines()[0])["uid"] == uid
+    # ...and another job's run another one: it cannot trace, signal or read the first job's processes.
+    installed.jobctl("--json", "run", "--detach", "e2e-hold")
+    users = installed.sh("for i in $(seq 100); do ps -o user:32= -C sleep && break; sleep 0.1; done")
+    assert users.split() == ["job-e2e-hold"]
+    assert int(installed.sh("id -u job-e2e-hold")) != uid
 
 
-def test_lock_directory_is_the_services_own(installed: Installation, probe: Probe) -> None:
-    # RuntimeDirectory=jobrunner, 0700: the concurrency locks are out of the developers' reach.
-    # With DynamicUser=yes it is a link into /run/private, which is root's and 0700. Between runs 252
-    # leaves it to the dynamic uid, 257 gives it to nobody; the next run gets it back.
-    assert installed.sh("stat -c '%a %U' /run/private").split() == ["700", "root"]
-    mode, owner = installed.sh("stat -L -c '%a %u' /run/jobrunner").split()
-    assert mode == "700" and owner in (str(probe.inside["uid"]), "65534")
-    listing = installed.container.run(["ls", "/run/jobrunner"], user=installed.developer, check=False)
+def test_lock_directory_is_the_jobs_and_no_one_elses(installed: Installation, probe: Probe) -> None:
+    # tmpfiles.d: /run/jobrunner-locks, 3770 root:jobrunner-jobs, a group that only the jobs' units
+    # have (SupplementaryGroups=): the concurrency locks are out of the developers' reach.
+    installed.jobctl("run", "e2e-linger")  # concurrency "reject": it takes its lock
+    assert installed.sh("stat -c '%a %U %G' /run/jobrunner-locks").split() == [
+        "3770",
+        "root",
+        "jobrunner-jobs",
+    ]
+    locks = installed.sh("stat -c '%n %a %G' /run/jobrunner-locks/e2e-linger.lock").split()
+    assert locks[1:] == ["660", "jobrunner-jobs"]
+    listing = installed.container.run(["ls", "/run/jobrunner-locks"], user=installed.developer, check=False)
     assert listing.returncode != 0 and b"Permission denied" in listing.stderr
 
 
