@@ -227,6 +227,7 @@ class Endpoints:
         client = _socket.socket(fileno=fd)
         owner = connection_owner(peer, listener.sock.getsockname())
         if owner != self.uid:
+            self.record(Record(listener.api, f"refused a connection from {_who(owner)} (403)"))
             self._refuse(client, 403, "Forbidden", "this endpoint serves the job's own processes only")
             return
         proxy = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
@@ -235,7 +236,13 @@ class Endpoints:
             proxy.sendall(b"%s %s %s\n" % (HANDSHAKE, self.job.encode(), self.run_id.encode()))
         except OSError as e:
             proxy.close()
-            self._refuse(client, 502, "Bad Gateway", f"API '{listener.api}' is not reachable: {e.strerror}")
+            self._fail_client(
+                listener.api,
+                client,
+                502,
+                "Bad Gateway",
+                f"API '{listener.api}' is not reachable: {e.strerror}",
+            )
             return
         proxy.setblocking(False)
         self.links[proxy.fileno()] = _Link(listener.api, client, proxy)
@@ -315,7 +322,15 @@ class Endpoints:
         link = self.links.pop(fd)
         link.proxy.close()
         if link.client is not None:
-            self._refuse(link.client, status, reason, text)
+            self._fail_client(link.api, link.client, status, reason, text)
+
+    def _fail_client(self, api: str, client: _socket.socket, status: int, reason: str, text: str) -> None:
+        self.record(Record(api, f"not served ({status}): {text}"))
+        self._refuse(client, status, reason, text)
+
+
+def _who(uid: int | None) -> str:
+    return "an unknown socket" if uid is None else f"uid {uid}"
 
 
 def _gone_hint(api: str) -> str:

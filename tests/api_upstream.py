@@ -170,6 +170,7 @@ class Handler(BaseHTTPRequestHandler):
                 "path": self.path,
                 "headers": [[name, value] for name, value in self.headers.items()],
                 "body_length": body_length,
+                "at": time.time(),  # when the request was read (before /slow's pause)
             }
         )
         with self.server.record_lock:

@@ -79,6 +79,11 @@ args = "{ARGS}"
 apis = ["llm"]
 network = "none"
 
+[jobs.e2e-api-operator]
+description = "Calls its API once: for an operator's systemctl start"
+command = ["bin/e2e-api", "get", "llm", "/echo?operator"]
+apis = ["llm"]
+
 [jobs.e2e-api-other]
 description = "Lists no API"
 command = ["bin/e2e-api"]
@@ -278,6 +283,18 @@ def test_concurrent_connections_each_get_a_proxy(apis: Apis) -> None:
     assert len({e["_PID"] for e in entries}) == 8
 
 
+def test_a_run_that_opens_too_many_connections_is_limited_not_failed(apis: Apis) -> None:
+    before = len(apis.records())
+    got = apis.run("e2e-api", "concurrent", "llm", "40", "4")
+
+    assert got["statuses"] == [200] * 40  # the connections beyond the limit waited, then were served
+    starts = sorted(float(r["at"]) for r in apis.records()[before:] if str(r["path"]).startswith("/slow"))
+    assert len(starts) == 40
+    # Each request took 4 s upstream: at most 32 (runner/endpoint.py's MAX_CONNECTIONS) at once.
+    most = max(sum(1 for t in starts if start <= t < start + 4) for start in starts)
+    assert most <= 32, most
+
+
 @pytest.mark.parametrize(
     ("api", "path", "status", "reason"),
     [
@@ -315,7 +332,7 @@ def test_developers_and_other_jobs_cannot_use_a_runs_endpoint(apis: Apis) -> Non
     ct = apis.ct
     before = len(apis.records())
     ct.run(["sh", "-c", "jobctl run e2e-api -- hold llm 30 > /tmp/e2e-hold.out 2>&1 &"], user="alice")
-    url = _wait_for_url(ct, "/tmp/e2e-hold.out")
+    url, run_id = _wait_for_url(ct, "/tmp/e2e-hold.out")
     address = url.removeprefix("http://")
     try:
         # Another job, on the same host network: refused by the runner (not the job's own user).
@@ -329,16 +346,54 @@ def test_developers_and_other_jobs_cannot_use_a_runs_endpoint(apis: Apis) -> Non
             probe = ct.run(["python3", "-c", "import socket; socket.socket(socket.AF_UNIX)"
                             ".connect('/run/jobrunner-api/llm.sock')"], user=user, check=False)  # fmt: skip
             assert b"PermissionError" in probe.stderr, probe.stderr
+        # The run's log says so (the runner's records: not the job's output).
+        log = ct.run(["cat", f"{apis.inst.logs}/e2e-api/{run_id}.log"]).stdout.decode()
+        refused = re.findall(r"^# api llm: refused a connection from uid (\d+) \(403\)$", log, re.MULTILINE)
+        alice = ct.run(["id", "-u", "alice"]).stdout.decode().strip()
+        assert len(refused) == 2 and alice in refused, log
     finally:
         ct.run(["sh", "-c", "pkill -f '[j]obctl run e2e-api -- hold' || true"])
     assert len(apis.records()) == before  # not one request reached the upstream
 
 
-def _wait_for_url(ct: Container, path: str) -> str:
+def _wait_for_url(ct: Container, path: str) -> tuple[str, str]:
     for _ in range(600):
         out = ct.run(["cat", path], check=False).stdout.decode()
-        match = re.search(r'"url": "(http://[0-9.:]+)"', out)
+        match = re.search(r'"url": "(http://[0-9.:]+)", "run": "([^"]+)"', out)
         if match:
-            return match.group(1)
+            return match.group(1), match.group(2)
         time.sleep(0.1)
     raise AssertionError(f"the holding run printed no URL: {out!r}")
+
+
+def test_an_operators_start_gets_the_same_endpoints(apis: Apis) -> None:
+    ct = apis.ct
+    cursor = ct.run(["journalctl", "-n", "0", "--show-cursor", "-q"]).stdout.decode().split("cursor: ")[-1]
+    ct.run(["systemctl", "start", "job@e2e-api-operator"])  # Type=oneshot: returns when the run is done
+
+    entries = apis.journal(f"--after-cursor={cursor.strip()}", "API_NAME=llm")
+    assert [(e["JOB_NAME"], e["HTTP_PATH"], e["HTTP_STATUS"]) for e in entries] == [
+        ("e2e-api-operator", "/echo", "200")
+    ]
+    output = ct.run(["journalctl", "-u", "job@e2e-api-operator", "-o", "cat", "--no-pager"]).stdout
+    assert b'\\"Authorization\\": \\"***\\"' in output  # the upstream's echo, in the job's JSON
+    apis.assert_no_key(output, "the operator's run in the journal")
+
+
+def test_the_api_units_verify_and_keep_their_sandbox(apis: Apis) -> None:
+    ct = apis.ct
+
+    def exposure(unit: str) -> float:
+        out = ct.run(["systemd-analyze", "security", unit], check=False).stdout.decode()
+        match = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", out)
+        assert match, out
+        return float(match.group(1))
+
+    generated = ["jobrunner-api-llm.socket", "jobrunner-api-llm@x.service", "job-e2e-api-offline@x.service"]
+    verified = ct.run(["sh", "-c", 'cd /run/systemd/generator && systemd-analyze verify "$@"', "sh", *generated],
+                      check=False)  # fmt: skip
+    assert (verified.returncode, verified.stdout, verified.stderr) == (0, b"", b""), verified
+    # The proxy: as a job with the network (1.2; ProtectProc= is off so that it can read its peer's
+    # cgroup). A job without network but with APIs: AF_INET on its own loopback costs it 0.4.
+    assert exposure("jobrunner-api-llm@x.service") <= 1.2
+    assert exposure("job-e2e-api-offline@x.service") <= 0.8
