@@ -304,6 +304,10 @@ class Proxy:
             self._drain_body()
             record["status"], record["error"] = e.status, e.text
             self._answer_error(e)
+        except OSError as e:
+            # The answer had begun (its status went to the job): the connection is closed mid-body.
+            record["error"] = f"cut off: {_reason(e)}"
+            raise
         finally:
             record["duration_ms"] = round((time.monotonic() - started) * 1000, 1)
             self.reporter.report(record)
