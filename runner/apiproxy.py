@@ -38,7 +38,12 @@ if TYPE_CHECKING:
     import h11
 
 SD_LISTEN_FDS_START = 3
-READ_SIZE = 1 << 20
+# Reads of the answer: at most this much at once (TLS hands over 16 KiB records; a larger read1 buffer
+# is allocated and mapped afresh each time), gathered up to BATCH_SIZE while more has already arrived:
+# the search for the key costs per call, and far more per byte on pieces under ~30 kB
+# (bench/api.py: 0.12 of direct throughput with 16 KiB pieces, docs/performance.md).
+READ_SIZE = 64 * 1024
+BATCH_SIZE = 256 * 1024
 MAX_HEADER_BYTES = 64 * 1024  # a request's head beyond this gets 431
 CONNECT_TIMEOUT_S = 10.0
 # Hop-by-hop headers (RFC 9110 7.6.1) belong to one connection and are not forwarded; Host and the
@@ -88,6 +93,9 @@ def main() -> None:
     client = _receive_connection(control)
     if client is None:
         return
+    # An answer goes out in several writes (head, pieces of the body): without TCP_NODELAY each one
+    # after the first waits for the job's delayed ACK, ~40 ms a request (bench/api.py).
+    client.setsockopt(_socket.IPPROTO_TCP, _socket.TCP_NODELAY, 1)
     _exit_when_closed(control)  # the run is over: nothing of ours outlives it
     Proxy(api, key, client, Reporter(control, api.name, job, run_id)).serve()
 
@@ -137,10 +145,16 @@ def job_of_peer(control: _socket.socket) -> str | None:
 
 
 def job_of_cgroup(text: str) -> str | None:
-    """`job-NAME@N-PID-UID.service` (a socket run) or `job@NAME.service` (an operator's) -> NAME."""
+    """`job-NAME@N-PID-UID.service` (a socket run) or `job@NAME.service` (an operator's) -> NAME: a
+    system unit only (in /system.slice, or a slice of its own there), never a unit of some user's own
+    service manager (/user.slice/user-UID.slice/user@UID.service/...), which could take any name."""
     for line in text.splitlines():
-        path = line.split(":", 2)[-1]
-        unit = path.rstrip("/").rsplit("/", 1)[-1]
+        parts = line.split(":", 2)[-1].strip("/").split("/")
+        if parts[0] != "system.slice" or len(parts) not in (2, 3):
+            continue
+        if len(parts) == 3 and not (parts[1].startswith("system-") and parts[1].endswith(".slice")):
+            continue
+        unit = parts[-1]
         if unit.startswith("job@") and unit.endswith(".service"):
             return unit[len("job@") : -len(".service")] or None
         if unit.startswith("job-") and "@" in unit and unit.endswith(".service"):
@@ -225,10 +239,16 @@ class Proxy:
         self.client = client
         self.reporter = reporter
         self.header_value = api.value.replace("{credential}", key.decode("utf-8", "surrogateescape"))
-        secrets = {key, self.header_value.encode("utf-8", "surrogateescape")}
-        self.redactor = Redactor(secrets | {form for s in secrets for form in encoded_forms(s)})
+        # The key and its encoded forms only: every form of the header's value ("Bearer KEY": plain, hex,
+        # base64, URL-encoded) contains one of them, and each form searched for costs every answer.
+        # Security over speed: each form is one more pass over every byte of every answer. On a 2-CPU
+        # host a 100 MB answer comes through at 0.34 of direct with the forms (6 strings), 0.45 with the
+        # key alone, 0.54 with no redaction at all (bench/api_redaction.py, docs/performance.md): an
+        # API that echoes the key base64-encoded must not hand it to the job, so the forms stay.
+        self.redactor = Redactor({key} | encoded_forms(key))
         self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEADER_BYTES)
         self.upstream = Upstream(api)
+        self.status: int | None = None  # of the answer being sent
 
     def serve(self) -> None:
         h11 = self.h11
@@ -270,6 +290,16 @@ class Proxy:
         if data:
             self.client.sendall(data)
 
+    def _send_data(self, data: bytes) -> None:
+        """A piece of the answer's body, framed by h11 without copying it (sendmsg gathers the pieces)."""
+        pieces = self.conn.send_with_data_passthrough(self.h11.Data(data=data))
+        if pieces is None:
+            return
+        sent = self.client.sendmsg(pieces)
+        total = sum(len(piece) for piece in pieces)
+        if sent < total:  # the socket took part of it: the rest as one buffer (rare: it blocks anyway)
+            self.client.sendall(memoryview(b"".join(pieces))[sent:])
+
     def _body(self) -> Iterator[bytes]:
         h11 = self.h11
         while True:
@@ -285,6 +315,7 @@ class Proxy:
 
     def _handle(self, request: h11.Request) -> None:
         started = time.monotonic()
+        self.status = None
         method = request.method.decode("ascii", "replace")
         target = request.target.decode("ascii", "replace")
         path = self.redactor.redact_text(target.split("?", 1)[0])
@@ -306,7 +337,7 @@ class Proxy:
             self._answer_error(e)
         except OSError as e:
             # The answer had begun (its status went to the job): the connection is closed mid-body.
-            record["error"] = f"cut off: {_reason(e)}"
+            record["status"], record["error"] = self.status, f"cut off: {_reason(e)}"
             raise
         finally:
             record["duration_ms"] = round((time.monotonic() - started) * 1000, 1)
@@ -330,6 +361,7 @@ class Proxy:
                 reason=response.reason.encode("latin-1", "replace"),
             )
         )
+        self.status = response.status  # for the record, should the answer break off
         sent = self._stream(response)
         self._send(h11.EndOfMessage())
         return response.status, sent
@@ -356,31 +388,40 @@ class Proxy:
     ) -> list[tuple[bytes, bytes]]:
         headers = []
         keep_length = method == b"HEAD" or response.status in (204, 304)
+        received = [
+            (name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in response.getheaders()
+        ]
+        # Hop-by-hop, as for requests: those RFC 9110 names, and those the answer's Connection names.
+        hop_by_hop = (NOT_FORWARDED - {b"content-length"}) | _connection_tokens(received)
         for name, value in response.getheaders():
             lower = name.lower().encode("latin-1")
-            if lower in NOT_FORWARDED - {b"content-length"} or (
-                lower == b"content-length" and not keep_length
-            ):
+            if lower in hop_by_hop or (lower == b"content-length" and not keep_length):
                 continue  # the length changes when the key is redacted: h11 frames the body itself
             headers.append((name.encode("latin-1"), self.redactor.redact(value.encode("latin-1"))))
         return headers
 
     def _stream(self, response: http.client.HTTPResponse) -> int:
         """The answer's body, piece by piece as it arrives (chunked bodies, server-sent events)."""
+        import http.client
+
         h11 = self.h11
         stream = self.redactor.stream()
         sent = 0
         while True:
             try:
-                piece = response.read1(READ_SIZE)
+                piece = self._read_batch(response)
             except TimeoutError:
                 raise OSError("the upstream stopped sending") from None
+            except http.client.HTTPException as e:  # a chunked answer that broke off, or its framing
+                raise OSError(f"the upstream's answer broke off: {_reason(e)}") from None
             if not piece:
                 break
             data = stream.feed(piece)
             if data:
-                self._send(h11.Data(data=data))
+                self._send_data(data)
                 sent += len(data)
+        if response.length:  # read1 ends a Content-Length answer at EOF, short of its length, silently
+            raise OSError(f"the upstream's answer broke off {response.length} bytes short of its length")
         rest = stream.flush()
         if rest:
             self._send(h11.Data(data=rest))
@@ -389,6 +430,16 @@ class Proxy:
         # the same connection (read1 leaves it open once a Content-Length is used up).
         response.close()
         return sent
+
+    def _read_batch(self, response: http.client.HTTPResponse) -> bytes:
+        """What has arrived of the answer: one read, which waits, then more while more is there at once
+        (never waiting for it: a stream's pieces go to the job as they come)."""
+        pieces = [response.read1(READ_SIZE)]
+        size = len(pieces[0])
+        while pieces[-1] and size < BATCH_SIZE and self.upstream.readable_now():
+            pieces.append(response.read1(READ_SIZE))
+            size += len(pieces[-1])
+        return b"".join(pieces)
 
     def _drain_body(self) -> None:
         h11 = self.h11
@@ -499,6 +550,18 @@ class Upstream:
                 self.close()
                 raise ProxyError(502, "Bad Gateway", f"cannot reach {where}: {_reason(e)}") from None
         raise AssertionError("unreachable")
+
+    def readable_now(self) -> bool:
+        """Whether the connection has data that a read gets without waiting (TLS's own buffer first)."""
+        sock = self.connection.sock if self.connection is not None else None
+        if sock is None:
+            return False
+        pending = getattr(sock, "pending", None)
+        if pending is not None and pending() > 0:
+            return True
+        import select
+
+        return bool(select.select([sock], [], [], 0)[0])
 
     def close(self) -> None:
         if self.connection is not None:

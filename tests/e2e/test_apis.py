@@ -160,7 +160,7 @@ def test_the_upstream_gets_the_key_and_the_job_never_does(apis: Apis) -> None:
     assert got["status"] == 200
     echoed = json.loads(str(got["body"]))
     assert echoed["path"] == "/echo?q=1"
-    assert echoed["headers"]["Authorization"] == "***"  # the upstream echoed the key: redacted
+    assert echoed["headers"]["Authorization"] == "Bearer ***"  # the upstream echoed the key: redacted
     last = apis.records()[-1]
     assert last["path"] == "/echo?q=1"
     assert ["Authorization", apis.header] in last["headers"]
@@ -185,7 +185,7 @@ def test_an_echo_of_the_key_in_any_encoding_is_redacted(apis: Apis) -> None:
     lines = str(got["body"]).splitlines()
     assert len(lines) == 5  # raw, key alone, base64, hex, URL-encoded: each one redacted
     assert all("***" in line for line in lines), lines
-    assert ["X-Echo-Key", "***"] in got["headers"]
+    assert ["X-Echo-Key", "Bearer ***"] in got["headers"]
 
 
 def test_run_log_and_journal_record_each_request_and_never_the_key(apis: Apis) -> None:
@@ -242,7 +242,7 @@ def test_the_jobs_units_load_no_credential_used_through_apis(apis: Apis) -> None
 def test_a_job_without_network_reaches_the_api_only_through_its_endpoint(apis: Apis) -> None:
     got = apis.run("e2e-api-offline", "get", "llm", "/echo")
     assert got["status"] == 200
-    assert json.loads(str(got["body"]))["headers"]["Authorization"] == "***"
+    assert json.loads(str(got["body"]))["headers"]["Authorization"] == "Bearer ***"
 
     assert apis.run("e2e-api-offline", "direct", f"127.0.0.1:{PORT}")["direct"] != "ok"
     # ...which the same job with the host's network does reach: the refusal above is the sandbox's.
@@ -374,7 +374,7 @@ def test_an_operators_start_gets_the_same_endpoints(apis: Apis) -> None:
     entries = apis.journal("JOB_NAME=e2e-api-operator", "API_NAME=llm")
     assert [(e["HTTP_PATH"], e["HTTP_STATUS"]) for e in entries] == [("/echo", "200")]
     output = ct.run(["journalctl", "-u", "job@e2e-api-operator", "-o", "cat", "--no-pager"]).stdout
-    assert b'\\"Authorization\\": \\"***\\"' in output  # the upstream's echo, in the job's JSON
+    assert b'\\"Authorization\\": \\"Bearer ***\\"' in output  # the upstream's echo, in the job's JSON
     apis.assert_no_key(output, "the operator's run in the journal")
 
 
