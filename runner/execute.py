@@ -16,7 +16,7 @@ import os
 import select
 import time
 
-from runner.errors import ConfigError, CredentialError
+from runner.errors import ConfigError, CredentialError, quoted
 from runner.value import Value
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (~2.5 ms on every connection)
@@ -156,9 +156,13 @@ def start(argv: Sequence[str], env: Mapping[str, str], workdir: str) -> Process:
     except OSError as e:
         for fd in (out_r, out_w, err_r, err_w):
             os.close(fd)
-        what = f"workdir {workdir}" if e.filename == workdir or isinstance(e, NotADirectoryError) else argv[0]
+        # Not the paths themselves: they come from jobs.toml, where a key may have been pasted, and this
+        # unit holds only its own job's keys to redact (runner.errors.quoted). `jobrunner check` shows them.
+        bad_workdir = e.filename == workdir or isinstance(e, NotADirectoryError)
+        what = "its workdir" if bad_workdir else f"its program {quoted(os.path.basename(argv[0]))}"
         raise ConfigError(
-            f"cannot start the job: {what}: {e.strerror}", "check command and workdir in jobs.toml"
+            f"cannot start the job: {what}: {e.strerror}",
+            "check command and workdir of the job in jobs.toml (sudo jobrunner check)",
         ) from None
     os.close(out_w)
     os.close(err_w)
@@ -187,7 +191,8 @@ def _find_program(name: str, path: str) -> str:
         if os.access(candidate, os.X_OK) and not os.path.isdir(candidate):
             return candidate
     raise ConfigError(
-        f"cannot start the job: {name}: not found in PATH ({path})", "use an absolute path in command"
+        f"cannot start the job: its program {quoted(name)} is not in PATH ({path})",
+        "use an absolute path in command",
     )
 
 

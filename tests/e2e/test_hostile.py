@@ -379,10 +379,14 @@ def journal_since(inst: Installation, cursor: str, *args: str) -> bytes:
 
 
 @contextlib.contextmanager
-def edited_config(inst: Installation, edit: Callable[[str], str]) -> Iterator[str]:
-    """jobs.toml changed by `edit` (read at every connection, so at once), restored afterwards."""
+def edited_config(inst: Installation, edit: Callable[[str], str], *, apply: bool = False) -> Iterator[str]:
+    """jobs.toml changed by `edit` (read at every connection, so at once), restored afterwards. `apply`:
+    and its jobs' units in place before going on (jobrunner check), not a moment later."""
     original = inst.sh(f"cat {CONFIG}")
-    inst.container.write_file(CONFIG, edit(original))
+    if apply:
+        write_jobs(inst.container, edit(original))
+    else:
+        inst.container.write_file(CONFIG, edit(original))
     try:
         yield original
     finally:
@@ -1425,7 +1429,9 @@ def secrets_in_errors(inst: Installation) -> Outcome:
     with edited_config(inst, lambda text: text + bad_key):
         record("config: unknown key", inst.jobctl("run", "hostile-quick"))
     bad_workdir = f'\n[jobs.hostile-badworkdir]\ncommand = ["/bin/true"]\nworkdir = "{key}"\n'
-    with edited_config(inst, lambda text: text + bad_workdir):
+    # Applied: the run must reach the job's own unit (which holds no key) and fail there, not be
+    # answered by the front door because the job's units are not there yet.
+    with edited_config(inst, lambda text: text + bad_workdir, apply=True):
         result = inst.jobctl("--json", "run", "hostile-badworkdir")
         record("config: workdir", result)
         events = [json.loads(line) for line in result.stdout.splitlines()]
@@ -1453,6 +1459,7 @@ def secrets_in_errors(inst: Installation) -> Outcome:
         out.check(answer["reply"] != "", f"{where}: no reply")
     wait_for_runs_to_end(inst)
     seen["journal"] = journal_since(inst, cursor, "-o", "json")
+    out.check("run log: not started" in seen, "the bad workdir's run never started: its error not reached")
     leaks = [Leak(where, found) for where, data in seen.items() if (found := leaked_forms(data, forms))]
     out.figures = {"paths": len(seen), "leaks": len(leaks)}
     out.check(not leaks, f"the key, recognisably: {leaks}")
