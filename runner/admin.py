@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import NoReturn
 
-from runner import apply, creds
+from runner import apply, creds, doctor
 from runner.config import Config, Network, Sandbox, clean_path, config_path, parse_file
 from runner.config import check_config as check_and_cache
 from runner.errors import ConfigError, RunnerError, quote_in_full
@@ -21,13 +21,14 @@ EX_INTERRUPTED = 130
 EPILOG = """\
 exit status:
   0    success
+  1    doctor: at least one problem was found (see `jobrunner doctor --help`)
   64   usage error (unknown command or option, invalid credential name)
   65   creds set: the secret was refused (empty, under 8 bytes, over 1 MiB, or the entries differ)
   66   creds rm: no such credential
   69   systemd-creds or systemctl is missing or failed
   70   internal error
   74   reading or writing the credential store failed
-  77   permission denied (creds set and rm need root; creds list needs to read the root-only store)
+  77   permission denied (creds set, rm and doctor need root; creds list needs to read the root-only store)
   78   check, reload: the configuration is invalid
   130  interrupted
 """
@@ -136,6 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     reload.set_defaults(func=reload_units)
     _add_creds(commands)
+    doctor.add_parser(commands)
     return parser
 
 
