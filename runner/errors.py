@@ -52,6 +52,13 @@ class UnknownJobError(RunnerError):
     exit_status = 64
 
 
+class UnknownRunError(RunnerError):
+    """`logs RUN_ID`: no such run, or none the caller may see (runner.history): the same answer."""
+
+    code = "unknown-run"
+    exit_status = 64
+
+
 class ArgumentsError(RunnerError):
     code = "bad-arguments"
     exit_status = 64

@@ -20,6 +20,9 @@ MAX_REQUEST_BYTES = 64 * 1024
 REQUEST_DEADLINE_S = 10.0
 MAX_ARGUMENTS = 1024
 JSON_FIELDS = frozenset({"op", "job", "args", "detach"})
+# Requests about runs rather than for one, answered by the front door from the run logs: runner.history
+# parses and serves them (imported only for them).
+HISTORY_OPS = frozenset({"history", "logs", "status"})
 
 
 class Form(enum.StrEnum):
@@ -28,16 +31,28 @@ class Form(enum.StrEnum):
 
 
 class Request(Value):
-    __slots__ = ("args", "detach", "form", "job", "op")
+    __slots__ = ("args", "detach", "follow", "form", "job", "limit", "op", "run_id")
 
     def __init__(
-        self, form: Form, op: str, job: str = "", args: tuple[str, ...] = (), detach: bool = False
+        self,
+        form: Form,
+        op: str,
+        job: str = "",
+        args: tuple[str, ...] = (),
+        detach: bool = False,
+        *,
+        limit: int = 0,
+        run_id: str = "",
+        follow: bool = False,
     ) -> None:
         self.form = form
-        self.op = op  # "run" or "list"
-        self.job = job
+        self.op = op  # "run" or "list", or one of HISTORY_OPS
+        self.job = job  # for `history`: "" for every job the caller may see
         self.args = args
         self.detach = detach
+        self.limit = limit  # `history`: how many runs at most
+        self.run_id = run_id  # `logs`
+        self.follow = follow  # `logs`: until the run ends
 
 
 class NoRequest(Exception):
@@ -119,6 +134,10 @@ def _parse_text(text: str) -> Request:
     if not words:
         raise RequestError("empty request", "send 'list' or 'run NAME [ARG ...]'")
     op, *rest = words
+    if op in HISTORY_OPS:
+        from runner import history
+
+        return history.parse_text(op, rest)
     if op == "list" and not rest:
         return Request(Form.TEXT, "list")
     if op == "run" and rest:
@@ -137,6 +156,10 @@ def _parse_json(text: str) -> Request:
         raise RequestError(f"malformed JSON request: {_short(str(e))}", "") from None
     if not isinstance(obj, dict):
         raise RequestError("a JSON request must be an object", '{"op": "run", "job": "NAME", "args": []}')
+    if isinstance(obj.get("op"), str) and obj["op"] in HISTORY_OPS:
+        from runner import history
+
+        return history.parse_json(obj)
     unknown = set(obj) - JSON_FIELDS
     if unknown:
         raise RequestError(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import time
 
@@ -76,6 +77,7 @@ class RunLog:
         except OSError as e:
             raise InternalError(f"cannot create the run log: {e.strerror}: {path}", "") from None
         self.path = path
+        self.marked = mark_in_progress(self._file.fileno())  # held until close(), or the runner's death
         self._ends_with_newline = True
         self._release_cache_every = release_cache_every  # 0: never
         self._written = 0
@@ -125,6 +127,29 @@ class RunLog:
             os.posix_fadvise(self._file.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
         except OSError:
             pass  # only advice: a filesystem that cannot take it keeps the pages cached, as before
+
+
+# How long the runner tries to take its run log's lock (mark_in_progress) while a reader's momentary
+# test of it (runner.history) is in the way: a reader holds it for microseconds.
+MARK_ATTEMPTS = 50
+MARK_RETRY_S = 0.01
+
+
+def mark_in_progress(fd: int) -> bool:
+    """Hold an exclusive flock on the run log for as long as it is open: the mark of a run in progress
+    (runner.history, docs/protocol.md). The kernel drops it when the runner closes the log or dies, even
+    by SIGKILL, so a log whose lock is free belongs to a run that is over, finished or not. Readers
+    only test it for a moment; one that holds it longer (a developer may open the group's files) costs
+    the run at most half a second of start-up and then only the mark, never the run: False."""
+    for _ in range(MARK_ATTEMPTS):
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            time.sleep(MARK_RETRY_S)
+        except OSError:
+            return False  # a filesystem without flock: the run goes on unmarked
+    return False
 
 
 def _field(key: str, value: object) -> str:

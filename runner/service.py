@@ -18,7 +18,7 @@ import time
 
 from runner import credentials, execute, handoff, journal, limits, lock, notify
 from runner.channel import ClientChannel, ConsoleChannel
-from runner.config import load_config
+from runner.config import Network, load_config
 from runner.errors import (
     ArgumentsError,
     BusyError,
@@ -32,6 +32,7 @@ from runner.errors import (
 )
 from runner.peer import check_allowed, operator_peer, read_peer, user_name
 from runner.protocol import (
+    HISTORY_OPS,
     ExitReport,
     Form,
     NoRequest,
@@ -95,6 +96,12 @@ def serve_connection(conn: _socket.socket, job_name: str | None) -> int:
         if request.op == "list" and job_name is None:
             channel = ClientChannel(conn, reply)
             channel.send_final(reply.jobs(_visible_jobs(config, peer)))
+            return 0
+        if request.op in HISTORY_OPS and job_name is None:
+            from runner import history  # `history`, `logs`, `status`: only these requests pay for it
+
+            channel = ClientChannel(conn, reply)
+            history.serve(config, request, peer, channel)
             return 0
         if job_name is None:
             _hand_over(config, request, peer, conn, line)
@@ -476,7 +483,17 @@ def _visible_jobs(config: Config, peer: Peer) -> list[dict[str, object]]:
             check_allowed(peer, job.name, job.allowed_groups)
         except RunnerError:
             continue
-        visible.append({"name": job.name, "description": job.description, "args": job.accepts_arguments()})
+        network = job.sandbox.network
+        visible.append(
+            {
+                "name": job.name,
+                "description": job.description,
+                "args": job.accepts_arguments(),
+                "concurrency": job.concurrency.value,
+                "timeout_s": job.timeout_s,
+                "network": list(job.sandbox.addresses) if network is Network.LISTED else network.value,
+            }
+        )
     return visible
 
 

@@ -162,7 +162,7 @@ def test_list_uses_the_main_socket_even_beside_a_job_named_list(
     front = Server(main, line({"event": "jobs", "jobs": [{"name": "list", "description": "d"}]}))
     own = Server(Path(job_socket(str(main), "list")))
     status, out, _ = jobctl_main(capsysbinary, "list", "--socket", str(main))
-    assert (status, out) == (0, b"list  d\n")
+    assert (status, out) == (0, b"NAME  DESCRIPTION\nlist  d\n")
     assert front.finish() == [b'{"op": "list"}\n']
     assert own.finish() == []
 
@@ -303,7 +303,8 @@ def test_the_retry_is_said_with_debug(
 def test_the_retry_is_made_once(capsysbinary: pytest.CaptureFixture[bytes], main: Path, direct: Path) -> None:
     own = Server(direct, b"")
     front = Server(main, b"")
-    status, _, err = jobctl_main(capsysbinary, "run", "--socket", str(main), "build")
+    # once per try: --no-retry makes one (trying again later: tests/test_jobctl_terminal.py)
+    status, _, err = jobctl_main(capsysbinary, "run", "--no-retry", "--socket", str(main), "build")
     assert status == 255
     assert err == (
         b"jobctl: error: the connection to the job runner was lost before the final event\n"
@@ -335,11 +336,11 @@ def test_no_retry_once_a_reply_has_begun(
     assert front.finish() == []  # a run that may have started is never started twice
 
 
-def test_a_silent_close_on_the_main_socket_is_not_retried(
+def test_a_silent_close_on_the_main_socket_is_not_retried_with_no_retry(
     capsysbinary: pytest.CaptureFixture[bytes], main: Path
 ) -> None:
     front = Server(main, b"", exit_event(0))
-    assert jobctl_main(capsysbinary, "run", "--socket", str(main), "build")[0] == 255
+    assert jobctl_main(capsysbinary, "run", "--no-retry", "--socket", str(main), "build")[0] == 255
     assert front.finish() == [request()]
 
 

@@ -31,9 +31,11 @@ from trigger.preconnect import (
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (2-3 ms at every start-up)
 if TYPE_CHECKING:
-    from collections.abc import Iterator, Sequence
+    from collections.abc import Callable, Iterator, Sequence
     from types import FrameType
     from typing import Any, BinaryIO, NoReturn
+
+    from trigger.terminal import Backoff, StatusLine
 
 DEFAULT_GROUP = "jobrunner"  # named in the permission hint when the socket's group cannot be looked up
 MAX_REQUEST = 64 * 1024  # bytes, including the newline (docs/protocol.md)
@@ -48,6 +50,14 @@ JOURNAL_HINT = "the server's side is in the journal: journalctl -u 'job@*'"
 # job.socket was stopped, or it is not ours to use): jobctl asks the main socket, which says why if it
 # cannot run the job either. None: Python's "AF_UNIX path too long", a path no socket can be bound to.
 NO_DIRECT_SOCKET = frozenset({errno.ENOENT, errno.ECONNREFUSED, errno.ENOTDIR, errno.EACCES, None})
+# The main socket's `busy` error when the job's socket closed the connection it handed over without a
+# word (runner/service.py _not_started): in its message, and in no other `busy` error's.
+NOT_STARTED = " did not start: "
+TICK_S = 1.0  # how long a run may be silent before its status line is drawn, and how often it is redrawn
+# The server waits 10 s for the request (docs/protocol.md): a connection made at start-up longer ago than
+# this (jobctl starved of CPU, in a burst of hundreds) could be answered with that deadline's error, and
+# is not used; a new one is made instead.
+EARLY_MAX_AGE_S = 5.0
 
 
 class ExitCode(IntEnum):
@@ -75,6 +85,7 @@ ERROR_EXIT_CODES: dict[str, ExitCode] = {
     "config": ExitCode.CONFIG,
     "credential": ExitCode.CONFIG,
     "internal": ExitCode.SOFTWARE,
+    "unknown-run": ExitCode.USAGE,
 }
 
 DESCRIPTION = """\
@@ -90,6 +101,9 @@ examples:
                                         after '--')
   jobctl run --detach nightly-report
   jobctl --json run deploy > events.jsonl
+  jobctl history deploy -n 5           (runs you may see, newest first)
+  jobctl logs --follow RUN_ID          (a run's output, live until it ends)
+  jobctl status                        (the runs in progress)
 
 output:
   run       the job's stdout and stderr, byte for byte, on jobctl's stdout
@@ -99,14 +113,28 @@ output:
   --json    the server's events (JSON Lines, docs/protocol.md) on stdout,
             exactly as received; stderr only has jobctl's own errors
             (connecting, lost connection, malformed reply)
+  list      a table on stdout: name, whether the job takes arguments, its
+            concurrency, timeout and network, and its description (cut to
+            the width of a terminal, whole otherwise)
+  history   a table on stdout (status: of the runs in progress)
+  logs      the run's output on stdout (stdout and stderr interleaved, as
+            its run log has them), then how it ended on stderr
   errors    'jobctl: error: ...' and 'jobctl: hint: ...' lines on stderr
+  terminal  while a run is silent, a 'jobctl: JOB (run ID) running, N s'
+            line on stderr, erased when output comes; 'error:' in colour;
+            neither with --json, nor when stderr is not a terminal or
+            TERM is dumb
 
 exit status:
   N     run: the job's exit status; 128+N if it was killed by signal N, 124
         if it timed out (a job can exit with any code below itself: --json
         tells them apart)
-  0     list succeeded; run --detach: the run started and keeps running
-  64    usage error; server error bad-request, unknown-job, bad-arguments
+  0     list succeeded; run --detach: the run started and keeps running;
+        history, status and logs (without --follow) succeeded
+  N     logs --follow: the run's exit status, as for run; 255 if it never
+        finished (its runner was stopped); 70 if it never started
+  64    usage error; server error bad-request, unknown-job, bad-arguments,
+        unknown-run
   69    cannot connect: the socket does not exist or nothing listens on it
   70    server error internal or an unknown code; a malformed reply
   74    cannot write our output (other than a closed pipe)
@@ -126,9 +154,17 @@ sockets:
   job's socket closes without a reply, run asks the main one once more,
   which says why; list always uses the main one
 
+busy:
+  a socket at its connection limit closes new connections without a
+  reply: the run never started, so jobctl tries again after a random wait
+  (up to 0.1 s, doubling to 2 s) for up to 30 s, saying so once on a
+  terminal, then fails as above (255, or 75 when the main socket says the
+  job's did not start); never once a reply has begun; --no-retry: at once
+
 environment:
   JOBCTL_SOCKET  the socket when --socket is not given (default
-                 /run/job.sock)"""
+                 /run/job.sock)
+  NO_COLOR       when set and not empty: no colour (https://no-color.org)"""
 
 
 class ClientError(Exception):
@@ -157,6 +193,16 @@ class OutputClosed(Exception):
     """Our stdout or stderr is a pipe whose reader went away."""
 
 
+class NotStarted(Exception):
+    """The main socket's `error` saying that the job's unit did not start, at its socket's connection
+    limit: the run may be tried again. `line`: the event as received, for --json if jobctl gives up."""
+
+    def __init__(self, error: ServerError, line: bytes) -> None:
+        super().__init__(error.message)
+        self.error = error
+        self.line = line
+
+
 def malformed(what: str, line: bytes = b"") -> ClientError:
     excerpt = f": {line[:200]!r}" if line else ""
     return ClientError(f"malformed reply from the server: {what}{excerpt}", JOURNAL_HINT)
@@ -183,8 +229,13 @@ def terminal_width() -> int:
 # argparse passes each of its messages through gettext, and gettext looks for a message catalog on disk
 # at every call (a few stat()s per language in $LANGUAGE/$LC_*/$LANG): building jobctl's parser makes
 # some twenty such calls, ~1-1.5 ms of every start. CPython ships no catalog for argparse and jobctl's
-# own messages are English, so argparse's are taken as they are.
-argparse._ = str  # type: ignore[attr-defined]
+# own messages are English, so argparse's are taken unchanged. Not with str(): argparse also passes it
+# the None of a group without a description, which str() would print ("None" under "commands:").
+def _untranslated(message: str) -> str:
+    return message
+
+
+argparse._ = _untranslated  # type: ignore[attr-defined]
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -234,6 +285,13 @@ def add_common_options(parser: argparse.ArgumentParser, *, command: bool) -> Non
         default=suppress if command else False,
         help="show a traceback for unexpected errors, and the request sent",
     )
+    parser.add_argument(
+        "--no-retry",
+        action="store_true",
+        default=suppress if command else False,
+        help="when the runner is busy (its socket closed the connection without a reply), fail at "
+        "once instead of trying again for up to 30 s",
+    )
 
 
 def build_parser() -> ArgumentParser:
@@ -246,7 +304,7 @@ def build_parser() -> ArgumentParser:
     run = commands.add_parser(
         "run",
         help="run a job, stream its output and exit with its exit status",
-        description="Run job NAME with arguments ARG ... and stream its output; exit with its exit status.",
+        description="Run job NAME with arguments ARG ... and stream its output; exit with its exit\nstatus.",
         epilog=EPILOG,
         formatter_class=formatter,
         allow_abbrev=False,
@@ -265,13 +323,56 @@ def build_parser() -> ArgumentParser:
     listing = commands.add_parser(
         "list",
         help="list the jobs you may run",
-        description="List the jobs you may run; 'NAME [ARG ...]' marks those that take arguments.",
+        description="List the jobs you may run: the name of each, whether it takes arguments, its\n"
+        "concurrency, timeout and network, and its description.",
         epilog=EPILOG,
         formatter_class=formatter,
         allow_abbrev=False,
     )
     add_common_options(listing, command=True)
+    add_runs_commands(commands, formatter)
     return parser
+
+
+# Served from the run logs by the main socket; their session is trigger.runs', imported only for them.
+RUNS_COMMANDS = ("history", "logs", "status")
+
+
+def add_runs_commands(commands: Any, formatter: type[HelpFormatter]) -> None:
+    """`history`, `logs` and `status` (trigger/runs.py)."""
+    options = {"epilog": EPILOG, "formatter_class": formatter, "allow_abbrev": False}
+    history = commands.add_parser(
+        "history",
+        help="the newest runs you may see, newest first",
+        description="The newest runs of the jobs you may run (of job NAME only, if given), newest\n"
+        "first: run id, job, who ran it, start, duration and exit status.",
+        **options,
+    )
+    history.add_argument("name", metavar="NAME", nargs="?", help="only this job's runs")
+    history.add_argument(
+        "-n", "--limit", type=int, default=20, metavar="N", help="at most N runs (default 20, at most 1000)"
+    )
+    add_common_options(history, command=True)
+    logs = commands.add_parser(
+        "logs",
+        help="a run's output, from its run log",
+        description="Print the output of run RUN_ID (see 'jobctl history') as its run log has it:\n"
+        "stdout and stderr interleaved, redacted; then how the run ended, on stderr.",
+        **options,
+    )
+    logs.add_argument("run_id", metavar="RUN_ID", help="the run's id")
+    logs.add_argument(
+        "-f",
+        "--follow",
+        action="store_true",
+        help="while the run is in progress, go on printing its output until it ends, then exit with "
+        "its exit status",
+    )
+    add_common_options(logs, command=True)
+    status = commands.add_parser(
+        "status", help="the runs in progress now", description="List the runs in progress now.", **options
+    )
+    add_common_options(status, command=True)
 
 
 def parse_arguments(parser: ArgumentParser, argv: Sequence[str]) -> argparse.Namespace:
@@ -301,6 +402,10 @@ def encode_request(ns: argparse.Namespace) -> bytes:
             except UnicodeEncodeError:
                 what = "the job name" if index == 0 else f"argument {index}"
                 raise ClientError(f"{what} is not valid UTF-8: {value!r}", "", ExitCode.USAGE) from None
+    elif ns.command in RUNS_COMMANDS:
+        from trigger.runs import encode  # lazily: only history, logs and status need it
+
+        request = encode(ns)
     else:
         request = {"op": "list"}
     line = json.dumps(request, ensure_ascii=False).encode("utf-8") + b"\n"
@@ -367,15 +472,20 @@ def send_request(sock: _socket.socket, request: bytes) -> None:
         pass  # the server may have replied (an error) and closed before reading everything: read it
 
 
-def read_lines(sock: _socket.socket) -> Iterator[bytes]:
+def read_lines(sock: _socket.socket, idle: Callable[[], None] | None = None) -> Iterator[bytes]:
     """The reply's lines, each with its newline (the last one may lack it). Memory stays at one line
-    plus one recv() buffer however long the reply is."""
+    plus one recv() buffer however long the reply is. `idle` is called whenever the socket's timeout
+    (if it has one) passes without a byte."""
     buffer = bytearray()
     while True:
         try:
             chunk = sock.recv(RECV_SIZE)
         except (ConnectionResetError, BrokenPipeError):
             chunk = b""
+        except TimeoutError:
+            if idle is not None:
+                idle()
+            continue
         if not chunk:
             break
         scanned = len(buffer)
@@ -463,18 +573,22 @@ def exit_note(event: dict[str, Any]) -> str:
     return ""
 
 
-def format_jobs(jobs: object) -> str:
+def format_jobs(jobs: object, width: int | None = None, bold: bool = False) -> str:
+    """The `jobs` event's list as a table (trigger.terminal.jobs_table()), "" when it is empty."""
     if not isinstance(jobs, list) or not all(
         isinstance(job, dict) and isinstance(job.get("name"), str) for job in jobs
     ):
         raise malformed("'jobs' is not a list of objects with a 'name'")
-    rows = []
-    for job in jobs:
-        usage = job["name"] + (" [ARG ...]" if job.get("args") is True else "")
-        description = job.get("description")
-        rows.append((usage, " ".join(description.split()) if isinstance(description, str) else ""))
-    width = max((len(usage) for usage, _ in rows), default=0)
-    return "".join(f"{usage:<{width}}  {description}".rstrip() + "\n" for usage, description in rows)
+    from trigger.terminal import jobs_table  # lazily: only `list` needs it
+
+    return jobs_table(jobs, width, bold)
+
+
+def is_terminal(stream: BinaryIO) -> bool:
+    try:
+        return stream.isatty()
+    except (OSError, ValueError):  # closed
+        return False
 
 
 class Terminal:
@@ -484,8 +598,13 @@ class Terminal:
     def __init__(self, stdout: BinaryIO, stderr: BinaryIO) -> None:
         self.stdout = stdout
         self.stderr = stderr
+        self.plain = False  # --json: no colour, no status line
+        self.status: StatusLine | None = None  # a run's status line (trigger.terminal), when it may show
 
     def write(self, stream: BinaryIO, data: bytes) -> None:
+        status = self.status
+        if status is not None:
+            status.clear()  # before anything else is written, so that nothing is written over it
         try:
             stream.write(data)
             stream.flush()
@@ -494,6 +613,8 @@ class Terminal:
         except OSError as exc:
             name = "stdout" if stream is self.stdout else "stderr"
             raise ClientError(f"cannot write to {name}: {exc.strerror or exc}", "", ExitCode.IOERR) from None
+        if status is not None:
+            status.wrote(stream, data)
 
     def out(self, data: bytes) -> None:
         self.write(self.stdout, data)
@@ -506,9 +627,20 @@ class Terminal:
             pass
 
     def report(self, error: ClientError) -> None:
+        from trigger.terminal import DIM, RED, colour, paint  # lazily: only errors need it
+
+        said, hinted = "error:", "hint:"
+        if colour(self.stderr, self.plain):
+            said, hinted = paint(said, RED), paint(hinted, DIM)
         self.say(
-            f"jobctl: error: {error.message}\n" + (f"jobctl: hint: {error.hint}\n" if error.hint else "")
+            f"jobctl: {said} {error.message}\n" + (f"jobctl: {hinted} {error.hint}\n" if error.hint else "")
         )
+
+    def end_status(self) -> None:
+        """Erase the status line if it is on screen, and show none again."""
+        if self.status is not None:
+            self.status.clear()
+            self.status = None
 
 
 # --- the conversation ------------------------------------------------------------------------------
@@ -522,7 +654,14 @@ class Session:
     socket (ns.socket), which hands it on to the job's units. When the job's socket closes the
     connection without a byte of reply, its unit could not start (systemd says nothing then: a
     credential of the job's is corrupt or expired, or the socket is at its connection limit), so the run
-    never started: the request goes once more to the main socket, which replies with why (an `error`)."""
+    never started: the request goes once more to the main socket, which replies with why (an `error`).
+
+    A socket at its connection limit closes new connections without a word: when the last try got no
+    byte back, or the main socket answered that the job's socket did not take the run (NotStarted),
+    the run never started, and run_retrying() tries again after a while (trigger.terminal.Backoff),
+    from the job's socket on. The main socket is asked why once only: asked again, under such load, it
+    would start a runner of its own for each try. Never once anything else has arrived: the run may
+    have started."""
 
     def __init__(self, ns: argparse.Namespace, term: Terminal, early: EarlyConnection | None = None) -> None:
         self.ns = ns
@@ -534,12 +673,15 @@ class Session:
         self.direct = False  # whether self.sock goes to the job's own socket
         self.received = False  # whether a byte of reply has arrived on self.sock
         self.accepted: dict[str, Any] = {}
+        self.refusal: NotStarted | None = None  # the main socket said the job's unit did not start
+        self.asked_why = False  # whether the main socket was asked why the job's socket said nothing
 
     def run(self) -> int:
         request = encode_request(self.ns)
         self.sock = self.connect(request)
         status = self.converse(self.sock, request)
-        if status is None and self.direct and not self.received:
+        if status is None and self.direct and not self.received and not self.asked_why:
+            self.asked_why = True
             self.close()
             self.sock = None
             if self.ns.debug:
@@ -552,6 +694,56 @@ class Session:
         if status is None:
             raise self.lost()
         return status
+
+    def run_retrying(self) -> int:
+        """run(), tried again while the run never started because a socket was at its connection limit
+        (see the class's docstring), unless --no-retry; then the last try's failure."""
+        backoff: Backoff | None = None
+        failure: ClientError
+        if self.early is not None and (age := self.early.age()) > EARLY_MAX_AGE_S:
+            if self.ns.debug:
+                self.term.say(f"jobctl: debug: not using the connection made {age:.1f} s ago, at start-up\n")
+            self.early.close()
+            self.early = None
+        while True:
+            try:
+                return self.run()
+            except NotStarted as exc:
+                self.refusal, failure = exc, exc.error
+                why = f"the main socket says: {exc.error.message}"
+            except ClientError as exc:
+                retry = exc.exit_code == ExitCode.CONNECTION_LOST and not self.received and not self.accepted
+                if self.ns.no_retry or not retry:
+                    raise
+                failure, why = exc, "the connection was closed without a reply"
+            self.close()
+            self.sock, self.early = None, None  # the next try connects afresh, to the job's socket first
+            if backoff is None:
+                from trigger.terminal import Backoff  # lazily: only a busy runner needs it
+
+                backoff = Backoff()
+            wait = backoff.next_wait()
+            if wait is None:
+                raise self.given_up(failure, backoff)
+            if self.ns.debug:
+                self.term.say(
+                    f"jobctl: debug: {why}: trying again in {wait:.2f} s (try {backoff.retries + 1})\n"
+                )
+            elif backoff.retries == 1 and not self.raw and is_terminal(self.term.stderr):
+                from trigger.terminal import RETRY_NOTICE
+
+                self.term.say(RETRY_NOTICE)
+            backoff.sleep(wait)
+
+    def given_up(self, failure: ClientError, backoff: Backoff) -> ClientError:
+        """The last try's failure, once the tries are over: the main socket's error if it said why."""
+        if self.refusal is not None:
+            if self.raw:
+                self.term.out(self.refusal.line)
+            return self.refusal.error
+        tries = f"jobctl tried {backoff.retries + 1} times in {backoff.elapsed():.0f} s"
+        failure.hint = f"{tries}; {failure.hint}" if failure.hint else tries
+        return failure
 
     def direct_socket(self) -> str | None:
         """The job's own socket, for a run; None for a list, or a name that is no job's (the main socket
@@ -601,7 +793,7 @@ class Session:
         arrived, None if the connection ended before it."""
         self.received = False
         send_request(sock, request)
-        for line in read_lines(sock):
+        for line in read_lines(sock, self.tick):
             self.received = True
             try:
                 event = parse_event(line)
@@ -623,6 +815,8 @@ class Session:
         kind = event["event"]
         if kind in ("exit", "error", "jobs") and kind not in self.finals:
             raise malformed(f"an unexpected {kind!r} event in reply to {self.ns.command!r}", line)
+        if kind == "error" and self.not_started(event):
+            raise NotStarted(server_error(event), line)  # before --json prints it: it may be tried again
         if self.raw:
             self.term.out(line)
         if kind == "output":
@@ -637,6 +831,21 @@ class Session:
             return self.on_jobs(event)
         return None  # anything else is a newer server's event: ignore it
 
+    def not_started(self, event: dict[str, Any]) -> bool:
+        """Whether the `error` event is the main socket's word that the job's socket did not take the run
+        (a `busy` that says it did not start), for a run that may be tried again. Not the `credential`
+        error that says the same for a job with credentials: a key that cannot be decrypted, which no
+        retry mends, looks the same there, and is said at once."""
+        message = event.get("message")
+        return (
+            not self.ns.no_retry
+            and not self.accepted
+            and event.get("code") == "busy"
+            and "run_id" not in event
+            and isinstance(message, str)
+            and NOT_STARTED in message
+        )
+
     def on_output(self, event: dict[str, Any]) -> None:
         stream = event.get("stream")
         if self.raw or stream not in ("stdout", "stderr"):
@@ -648,11 +857,35 @@ class Session:
         if self.ns.debug:
             self.term.say(f"jobctl: debug: accepted {event!r}\n")
         if not self.ns.detach:
+            self.show_status(event)
             return None
         if not self.raw:
             fields = ("run_id", "output_dir", "log")
             self.term.out("".join(f"{field}: {event.get(field, '')}\n" for field in fields).encode())
         return ExitCode.OK
+
+    def show_status(self, event: dict[str, Any]) -> None:
+        """On a terminal, without --json: a status line whenever the job has been silent for TICK_S,
+        which the socket's timeout measures."""
+        if self.raw or self.sock is None or not is_terminal(self.term.stderr):
+            return
+        from trigger.terminal import StatusLine, dumb  # lazily: only a run on a terminal needs it
+
+        if dumb():
+            return
+        job, run_id = event.get("job"), event.get("run_id")
+        self.term.status = StatusLine(
+            self.term.stdout,
+            self.term.stderr,
+            job if isinstance(job, str) else self.ns.name,
+            run_id if isinstance(run_id, str) else "?",
+        )
+        self.sock.settimeout(TICK_S)
+
+    def tick(self) -> None:
+        """The connection was quiet for TICK_S."""
+        if self.term.status is not None:
+            self.term.status.tick()
 
     def on_exit(self, event: dict[str, Any]) -> int:
         status = exit_status(event)
@@ -665,7 +898,11 @@ class Session:
         return status
 
     def on_jobs(self, event: dict[str, Any]) -> int:
-        table = format_jobs(event.get("jobs"))
+        from trigger.terminal import colour  # lazily, as format_jobs() imports the rest
+
+        stdout = self.term.stdout  # a terminal: descriptions cut to its width, the heading in bold
+        width = terminal_width() if is_terminal(stdout) else None
+        table = format_jobs(event.get("jobs"), width, colour(stdout, self.term.plain))
         if self.raw:
             pass
         elif table:
@@ -737,11 +974,20 @@ def flush_help(term: Terminal) -> int:
     return ExitCode.OK
 
 
+def make_session(ns: argparse.Namespace, term: Terminal, early: EarlyConnection | None) -> Session:
+    """The session for the command: history, logs and status have theirs in trigger.runs."""
+    if ns.command in RUNS_COMMANDS:
+        from trigger.runs import RunsSession  # lazily: `jobctl run` does not pay for it
+
+        return RunsSession(ns, term, early)
+    return Session(ns, term, early)
+
+
 def execute(ns: argparse.Namespace, term: Terminal, early: EarlyConnection | None = None) -> int:
     """Run the session and map every way it can end to an exit status: the only place that does."""
-    session = Session(ns, term, early)
+    session = make_session(ns, term, early)
     try:
-        return session.run()
+        return session.run_retrying()
     except Interrupted as exc:
         session.close()  # first, so that the cancel does not wait for the message
         if session.sock is not None and ns.command == "run" and not ns.detach:
@@ -764,6 +1010,7 @@ def execute(ns: argparse.Namespace, term: Terminal, early: EarlyConnection | Non
         return ExitCode.SOFTWARE
     finally:
         session.close()
+        term.end_status()
 
 
 def main(argv: list[str] | None = None, early: EarlyConnection | None = None) -> int:
@@ -778,6 +1025,7 @@ def main(argv: list[str] | None = None, early: EarlyConnection | None = None) ->
 
 def _main(argv: list[str], early: EarlyConnection | None) -> int:
     term = Terminal(sys.stdout.buffer, sys.stderr.buffer)
+    term.plain = "--json" in argv  # for usage errors; the options say it once they are parsed
     try:
         ns = parse_arguments(build_parser(), argv)
     except ClientError as exc:
@@ -785,6 +1033,7 @@ def _main(argv: list[str], early: EarlyConnection | None) -> int:
         return exc.exit_code
     except SystemExit as exc:  # --help
         return flush_help(term) or (exc.code if isinstance(exc.code, int) else ExitCode.USAGE)
+    term.plain = ns.json
     previous = catch_signals()
     try:
         return int(execute(ns, term, early))

@@ -3,8 +3,8 @@
 Each connection starts a fresh sandboxed runner, which needs ~60 ms before it reads its request. jobctl
 itself needs ~7 ms of imports (argparse, json) and argument parsing before it knows that request. Made
 in that order, a developer waits for both; connected first, the runner starts while jobctl imports,
-and the wait is the runner's alone. This module imports nothing but `_socket` and `os` (and `sys`,
-which every interpreter has loaded before it runs a line) for that reason.
+and the wait is the runner's alone. This module imports nothing but `_socket` and `os` (and `sys` and
+`time`, which every interpreter has loaded before it runs a line) for that reason.
 
 Every job NAME has a socket of its own next to the main one (job_socket()): `jobctl run NAME` goes there
 directly, and only falls back to the main socket, the front door that hands a run on to the job's own
@@ -23,6 +23,7 @@ from __future__ import annotations
 import _socket
 import os
 import sys  # loaded before any module is: importing it costs a dict look-up
+import time  # the same
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing
 if TYPE_CHECKING:
@@ -91,6 +92,11 @@ class EarlyConnection:
         self.path = path
         self.instead_of = instead_of
         self._sock: _socket.socket | None = sock
+        self.made = time.monotonic()
+
+    def age(self) -> float:
+        """Seconds since it was made: the server waits 10 s for a request (docs/protocol.md)."""
+        return time.monotonic() - self.made
 
     @classmethod
     def open(cls, path: str) -> EarlyConnection | None:
