@@ -15,6 +15,7 @@ UNITDIR=$PREFIX/lib/systemd/system
 BINDIR=$PREFIX/bin
 SBINDIR=$PREFIX/sbin
 DOCDIR=$PREFIX/share/doc/jobrunner
+MANDIR=$PREFIX/share/man
 CONFDIR=/etc/jobrunner
 CONFIG=$CONFDIR/jobs.toml
 SOCKET_DROPIN=/etc/systemd/system/job.socket.d/10-install.conf
@@ -277,6 +278,21 @@ install_docs() {
     done
 }
 
+# The manual pages: the repository's man/PAGE as $MANDIR/manN/PAGE, where man(1) looks for them.
+MAN_PAGES=(man1/jobctl.1 man5/jobs.toml.5 man8/jobrunner.8 man8/job@.service.8)
+
+install_man() {
+    local page dir
+    for page in "${MAN_PAGES[@]}"; do
+        # Missing directories are made 0755 whatever root's umask (man runs as the reader); existing
+        # ones keep their mode and owner (Debian's /usr/local/share/man is 2775 root:staff).
+        for dir in "$MANDIR" "$MANDIR/${page%%/*}"; do
+            [ -d "$dir" ] || install -d -m 0755 "$dir"
+        done
+        put "$SRC/man/${page#*/}" "$MANDIR/$page" 0644
+    done
+}
+
 UNITS=(job.socket job@.service jobrunner-config.path jobrunner-config.service)
 
 install_units() {
@@ -407,8 +423,15 @@ EOF
 [Service]
 # The runner's code, then where this machine's python3 has python-systemd and sdnotify (-S: no site).
 Environment=PYTHONPATH=$LIBDIR:$deps
-# The front door connects to the jobs' sockets, which are the developers' (root:$GROUP, 0660).
+# The front door connects to the jobs' sockets, which are the developers' (root:$GROUP, 0660), and
+# reads the run logs (2770 root:$GROUP) for history, logs and status.
 SupplementaryGroups=$GROUP
+# The run logs, read-only, where the front door looks for them (runner/history.py): not at $LOGS, which
+# ProtectHome=yes hides when it is under /home, nor over it, where the operators' job@NAME.service (which
+# get this drop-in too) have them writable. "-": without the directory only history, logs and status
+# fail (saying so), not every request.
+BindReadOnlyPaths=-$LOGS:/tmp/.jobrunner-logs
+Environment=JOBRUNNER_LOGS_VIEW=/tmp/.jobrunner-logs
 EOF
     put_text "$JOB_UNITS_DROPIN" 0644 <<EOF
 # Written by install.sh: run it again rather than editing this file. jobrunner's generator links it
@@ -534,6 +557,7 @@ $PROG: == done
   generator   $GENERATOR: job-NAME.socket, job-NAME@.service, job@NAME.service for each job
   group, user $GROUP, jobrunner-dispatch (the front door's) ($SYSUSERS)
   directories $OUTPUTS, $LOGS (2770 root:$GROUP, $TMPFILES)
+  manuals     $MANDIR: jobctl(1), jobs.toml(5), jobrunner(8), job@.service(8)
   config      $CONFIG (parsed copy in $CACHEDIR, refreshed by jobrunner-config.path)
   socket      /run/job.sock ($sock), job.socket enabled and running
 
@@ -568,13 +592,21 @@ uninstall() {
     fi
 
     step "removing files"
-    local path removed=()
+    local path page removed=()
     for path in "$BINDIR/jobctl" "$BINDIR/jobrunner-trigger" "$SBINDIR/jobrunner" \
         "$UNITDIR/job.socket" "$UNITDIR/job@.service" "$UNITDIR/jobrunner-config.path" \
         "$UNITDIR/jobrunner-config.service" "$SOCKET_DROPIN" "$SERVICE_DROPIN" "$JOB_UNITS_DROPIN" \
         "$API_UNITS_DROPIN" /run/jobrunner-locks "$GENERATOR" "$SYSUSERS" "$TMPFILES" "$LIBDIR" "$DOCDIR" "$CACHEDIR"; do
         if [ -e "$path" ] || [ -L "$path" ]; then
             rm -rf "$path"
+            removed+=("$path")
+            say "removed $path"
+        fi
+    done
+    for page in "${MAN_PAGES[@]}"; do
+        path=$MANDIR/$page
+        if [ -e "$path" ]; then
+            rm -f "$path"
             removed+=("$path")
             say "removed $path"
         fi
@@ -668,6 +700,7 @@ step "code, commands, documentation"
 install_code
 install_commands
 install_docs
+install_man
 step "units"
 install_units
 step "developer group $GROUP"
