@@ -11,30 +11,13 @@ import socket
 import ssl
 import time
 import urllib.parse
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.api_upstream import Upstream, make_ca, make_server_cert, read_chunked
+from tests.api_upstream import Upstream, read_chunked
 
 KEY = "Bearer sk-test-0123456789abcdef"
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    directory = tmp_path_factory.mktemp("pki")
-    ca = make_ca(directory)
-    other_ca = make_ca(directory, "other-ca")
-    cert, key = make_server_cert(directory, ca)
-    return {"ca": ca[0], "other_ca": other_ca[0], "cert": cert, "key": key}
-
-
-@pytest.fixture(scope="module")
-def upstream(pki: dict[str, Path]) -> Iterator[Upstream]:
-    with Upstream(cert=pki["cert"], key=pki["key"]) as server:
-        yield server
-    assert server.returncode == 0
 
 
 def strict_context(cafile: Path) -> ssl.SSLContext:

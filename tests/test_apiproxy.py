@@ -30,26 +30,10 @@ from runner.apiproxy import MAX_HEADER_BYTES, Proxy, ProxyError, Reporter, _load
 from runner.config import Api
 from runner.credentials import UNAVAILABLE
 from runner.redact import encoded_forms
-from tests.api_upstream import Upstream, key_forms, make_ca, make_server_cert
+from tests.api_upstream import Upstream, key_forms
 
 KEY = secrets.token_hex(16).encode()
 BEARER = "Bearer " + KEY.decode()
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    directory = tmp_path_factory.mktemp("pki")
-    ca = make_ca(directory)
-    other_ca = make_ca(directory, "other-ca")
-    cert, key = make_server_cert(directory, ca)
-    return {"ca": ca[0], "other_ca": other_ca[0], "cert": cert, "key": key}
-
-
-@pytest.fixture(scope="module")
-def upstream(pki: dict[str, Path]) -> Iterator[Upstream]:
-    with Upstream(cert=pki["cert"], key=pki["key"]) as server:
-        yield server
-    assert server.returncode == 0
 
 
 @pytest.fixture(autouse=True)

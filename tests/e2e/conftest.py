@@ -20,6 +20,7 @@ creds set``.  Tests that change the installation restore it.
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import shlex
 import shutil
@@ -204,10 +205,23 @@ def store_credential(ct: Container, name: str, secret: str) -> None:
 
 
 def write_jobs(ct: Container, text: str) -> None:
-    """Write jobs.toml and apply it now, as `sudo jobrunner check` does: jobrunner-config.path would do
-    the same a moment later, and a test must not race it to the jobs' units."""
+    """Write jobs.toml and apply it now, as `sudo jobrunner check` does; then wait for the run of
+    jobrunner-config.service that the edit also started (jobrunner-config.path), which regenerates the
+    same units: a test must not race it to them."""
     ct.write_file("/etc/jobrunner/jobs.toml", text)
     ct.run(["jobrunner", "check"])
+    settle(ct)
+
+
+def settle(ct: Container) -> None:
+    """Wait until no run of jobrunner-config.service (an edit of jobs.toml, applied) is queued or running."""
+    ct.run(["sh", "-c", """
+for i in $(seq 600); do
+    state=$(systemctl show -P ActiveState jobrunner-config.service)
+    if [ "$state" != activating ] && ! systemctl list-jobs --no-legend | grep -q jobrunner-config; then exit 0; fi
+    sleep 0.1
+done
+exit 1"""])  # fmt: skip
 
 
 def jobs_toml(credential: str = CREDENTIAL) -> str:
@@ -241,3 +255,11 @@ def installed(container: Container) -> Installation:
         credential=CREDENTIAL,
         install_output=result.stdout.decode(),
     )
+
+
+def exposure(ct: Container, unit: str) -> float:
+    """`systemd-analyze security UNIT`'s overall exposure level."""
+    out = ct.run(["systemd-analyze", "security", unit], check=False).stdout.decode()
+    match = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", out)
+    assert match, out
+    return float(match.group(1))

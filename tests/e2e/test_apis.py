@@ -21,7 +21,7 @@ import pytest
 from runner.redact import encoded_forms
 from tests.api_upstream import make_ca, make_server_cert
 
-from .conftest import Installation, jobs_toml, write_jobs
+from .conftest import Installation, exposure, jobs_toml, write_jobs
 from .container import Container
 
 pytestmark = pytest.mark.e2e
@@ -381,17 +381,11 @@ def test_an_operators_start_gets_the_same_endpoints(apis: Apis) -> None:
 def test_the_api_units_verify_and_keep_their_sandbox(apis: Apis) -> None:
     ct = apis.ct
 
-    def exposure(unit: str) -> float:
-        out = ct.run(["systemd-analyze", "security", unit], check=False).stdout.decode()
-        match = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", out)
-        assert match, out
-        return float(match.group(1))
-
     generated = ["jobrunner-api-llm.socket", "jobrunner-api-llm@x.service", "job-e2e-api-offline@x.service"]
     verified = ct.run(["sh", "-c", 'cd /run/systemd/generator && systemd-analyze verify "$@"', "sh", *generated],
                       check=False)  # fmt: skip
     assert (verified.returncode, verified.stdout, verified.stderr) == (0, b"", b""), verified
     # The proxy: as a job with the network (1.2; ProtectProc= is off so that it can read its peer's
     # cgroup). A job without network but with APIs: AF_INET on its own loopback costs it 0.4.
-    assert exposure("jobrunner-api-llm@x.service") <= 1.2
-    assert exposure("job-e2e-api-offline@x.service") <= 0.8
+    assert exposure(ct, "jobrunner-api-llm@x.service") <= 1.2
+    assert exposure(ct, "job-e2e-api-offline@x.service") <= 0.8

@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from .conftest import Installation, write_jobs
+from .conftest import Installation, settle, write_jobs
 from .container import Container
 from .test_hostile import cgroup_v1_container, install, limits_unavailable
 
@@ -41,17 +41,6 @@ POLKIT_RULE = """polkit.addRule(function(action, subject) {{
     }}
 }});
 """
-
-
-def settle(ct: Container) -> None:
-    """Wait until no run of jobrunner-config.service (an edit of jobs.toml, applied) is queued or running."""
-    ct.run(["sh", "-c", """
-for i in $(seq 600); do
-    state=$(systemctl show -P ActiveState jobrunner-config.service)
-    if [ "$state" != activating ] && ! systemctl list-jobs --no-legend | grep -q jobrunner-config; then exit 0; fi
-    sleep 0.1
-done
-exit 1"""])  # fmt: skip
 
 
 Results = list[dict[str, Any]]

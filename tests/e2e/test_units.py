@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from .conftest import Installation, copy_checkout, jobs_toml, run_install, write_jobs
+from .conftest import Installation, copy_checkout, exposure, jobs_toml, run_install, write_jobs
 from .container import Container
 
 pytestmark = pytest.mark.e2e
@@ -174,21 +174,15 @@ def test_operator_starts_get_the_jobs_profile(units: Installation) -> None:
 def test_security_scores(units: Installation) -> None:
     ct = units.container
 
-    def exposure(unit: str) -> float:
-        out = ct.run(["systemd-analyze", "security", unit], check=False).stdout.decode()
-        match = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", out)
-        assert match, out
-        return float(match.group(1))
-
     # The generated units verify clean (from the generator's directory, where systemd-analyze finds them).
     units_of = [f"{prefix}{job}{suffix}" for job in ("e2e-offline", "e2e-listed", "e2e-onecred")
                 for prefix, suffix in (("job-", ".socket"), ("job-", "@x.service"), ("job@", ".service"))]  # fmt: skip
     verified = ct.run(["sh", "-c", 'cd /run/systemd/generator && systemd-analyze verify "$@"', "sh", *units_of],
                       check=False)  # fmt: skip
     assert (verified.returncode, verified.stdout, verified.stderr) == (0, b"", b""), verified
-    assert exposure("job-e2e-offline@x.service") <= 0.6
-    assert exposure("job-e2e-probe@x.service") <= 1.2
-    assert exposure("job@x.service") <= 0.6  # the front door
+    assert exposure(ct, "job-e2e-offline@x.service") <= 0.6
+    assert exposure(ct, "job-e2e-probe@x.service") <= 1.2
+    assert exposure(ct, "job@x.service") <= 0.6  # the front door
 
 
 def test_units_follow_jobs_toml(units: Installation) -> None:
