@@ -26,8 +26,10 @@ import threading
 import time
 
 from runner import journal
+from runner.activation import take_connection
 from runner.config import Api, load_config
 from runner.credentials import UNAVAILABLE
+from runner.errors import ActivationError
 from runner.redact import Redactor, encoded_forms
 
 TYPE_CHECKING = False
@@ -37,7 +39,6 @@ if TYPE_CHECKING:
 
     import h11
 
-SD_LISTEN_FDS_START = 3
 # Reads of the answer: at most this much at once (TLS hands over 16 KiB records; a larger read1 buffer
 # is allocated and mapped afresh each time), gathered up to BATCH_SIZE while more has already arrived:
 # the search for the key costs per call, and far more per byte on pieces under ~30 kB
@@ -80,9 +81,14 @@ class ProxyError(Exception):
 def main() -> None:
     """Entry point of jobrunner-api-NAME@.service: `python3 -c "...; main()" NAME`."""
     name = sys.argv[1] if len(sys.argv) > 1 else ""
-    control = _socket.socket(fileno=SD_LISTEN_FDS_START)
-    for variable in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
-        os.environ.pop(variable, None)
+    try:
+        control = take_connection()
+    except ActivationError as e:
+        sys.stderr.write(
+            f"jobrunner-api: {e.message}\njobrunner-api: hint: the proxy of an API is started by systemd"
+            f" (jobrunner-api-NAME.socket) for a job's connection, not by hand\n"
+        )
+        sys.exit(e.exit_status)
     try:
         api, job, run_id, key = _prepare(control, name)
     except ProxyError as e:

@@ -107,8 +107,6 @@ def plain_response(status: int, reason: str, text: str) -> bytes:
         f"HTTP/1.1 {status} {reason}\r\nContent-Type: text/plain; charset=utf-8\r\n"
         f"Content-Length: {len(body)}\r\nConnection: close\r\n"
     )
-    if status == 503:
-        head += "Retry-After: 1\r\n"
     return (head + "\r\n").encode() + body
 
 

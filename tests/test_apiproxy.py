@@ -693,3 +693,21 @@ def test_a_keys_trailing_newline_is_not_part_of_it(
     (tmp_path / "llm-key").write_bytes(b"\r\n")
     with pytest.raises(ProxyError, match="jobrunner creds set llm-key"):
         _load_key(make_api(upstream, pki))  # an empty key is no key
+
+
+def test_the_proxy_run_by_hand_says_how_it_is_started() -> None:
+    import subprocess
+    import sys
+
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    res = subprocess.run(
+        [sys.executable, "-c", "import runner.apiproxy; runner.apiproxy.main()", "llm"],
+        capture_output=True,
+        env=env,
+        check=False,
+        timeout=60,
+    )
+
+    assert res.returncode != 0
+    assert b"Traceback" not in res.stderr
+    assert b"started by systemd (jobrunner-api-NAME.socket)" in res.stderr
