@@ -132,7 +132,7 @@ def render_api(api: Api, config: Config, template: str, root: str = "/") -> list
     files = [
         Unit(api_socket_unit(api.name), text=header + api_socket_text(api, config)),
         Unit(service, text=header + template.replace("@API@", api.name)),
-        Unit(f"{service}.d/{API_PROFILE_DROPIN}", text=header + api_profile(api, config)),
+        Unit(f"{service}.d/{API_PROFILE_DROPIN}", text=header + api_profile(api)),
         Unit(f"{WANTED_BY}.wants/{api_socket_unit(api.name)}", link=f"../{api_socket_unit(api.name)}"),
     ]
     if os.path.exists(_under(root, API_INSTALL_DROPIN)):
@@ -167,7 +167,7 @@ WantedBy={WANTED_BY}
 """
 
 
-def api_profile(api: Api, config: Config) -> str:
+def api_profile(api: Api) -> str:
     return f"""[Service]
 User={user_name("jobrunner-api-", api.name)}
 # The API's key, and nothing else. SetCredential= is used only when the encrypted file is missing, so
