@@ -44,6 +44,8 @@ from runner.peer import Peer
 from runner.protocol import Form, Reply, Request, parse_request
 from runner.runs import RunLog, new_run_id
 
+# The tests' "now", taken afresh for each test (fresh_clock): runs of jobs with a 600 s timeout are
+# "running" only until 660 s after they started, and a full suite reaches this module later than that.
 NOW = time.time()
 ME = Peer(pid=4242, uid=1000, gid=1000, groups=frozenset({1000}))  # not in the group root (gid 0)
 ROOT = Peer(pid=1, uid=0, gid=0, groups=frozenset({0}))
@@ -51,6 +53,12 @@ ROOT = Peer(pid=1, uid=0, gid=0, groups=frozenset({0}))
 
 def run_id_at(seconds_ago: float) -> str:
     return new_run_id(NOW - seconds_ago)
+
+
+@pytest.fixture(autouse=True)
+def fresh_clock() -> None:
+    global NOW  # noqa: PLW0603 - one clock that run_id_at and the tests' Logs(...) share
+    NOW = time.time()
 
 
 @pytest.fixture
