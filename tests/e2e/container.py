@@ -61,6 +61,8 @@ PACKAGES = (
     "python3-h11",
     # The README's example of a job calling its API with curl (tests/e2e/test_apis.py).
     "curl",
+    # docs/ci.md's post-receive hook (tests/e2e/test_ci_recipes.py).
+    "git",
     "socat",
     "procps",
     "util-linux",
