@@ -269,13 +269,15 @@ sys.exit(main(sys.argv))
 EOF
 }
 
+# The documentation as the repository lays it out, so that README's links to docs/... work here too.
 install_docs() {
     local doc
-    for doc in README.md INSTALL.md docs/protocol.md; do
+    for doc in README.md INSTALL.md docs/protocol.md docs/performance.md docs/ci.md; do
         if [ -f "$SRC/$doc" ]; then
-            put "$SRC/$doc" "$DOCDIR/$(basename "$doc")" 0644
+            put "$SRC/$doc" "$DOCDIR/$doc" 0644
         fi
     done
+    rm -f "$DOCDIR/protocol.md"  # where installs before 2026-12 put it
 }
 
 # The manual pages: the repository's man/PAGE as $MANDIR/manN/PAGE, where man(1) looks for them.

@@ -18,6 +18,8 @@ from typing import Any
 
 import pytest
 
+from tests.test_docs import installed_docs
+
 from .conftest import (
     CHECKOUT,
     PROJECT,
@@ -368,6 +370,13 @@ def test_install_twice_converges(installed: Installation) -> None:
     # Same files, same modes, same socket (not even restarted), and the tests' jobs.toml is kept.
     assert installed.sh(state) == before
     assert installed.jobctl("run", "e2e-hello", "again").returncode == 0
+
+
+def test_the_documentation_is_installed_as_the_repository_lays_it_out(installed: Installation) -> None:
+    # So that README's links (docs/ci.md, docs/performance.md, ...) work in the installed copy too.
+    for doc in installed_docs():
+        installed_doc = installed.container.path(f"/usr/local/share/doc/jobrunner/{doc}")
+        assert installed_doc.read_bytes() == (REPO / doc).read_bytes(), doc
 
 
 def test_help_and_usage_errors(installed: Installation) -> None:
