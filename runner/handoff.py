@@ -12,7 +12,8 @@ user (FRONT_DOOR_USER, a static system user from sysusers.d): jobs run as anothe
 may connect to a job's socket directly, so anyone else who sends the mark, or descriptors, is refused.
 The job's runner answers ACK once it has the connection; the front door then closes its copy and exits.
 If the job's socket closes without ACK, systemd did not start the job's unit: a credential that cannot
-be decrypted, or the socket's connection limit.
+be decrypted, or the socket's connection limit. The front door then tells the two apart by whether
+systemd counted a refusal at the limit (socket_refusals) while it tried once more.
 """
 
 from __future__ import annotations
@@ -79,6 +80,20 @@ def hand_over(client: _socket.socket, request_line: bytes, path: str) -> None:
             raise HandoffRefused(reachable=True)
     finally:
         sock.close()
+
+
+def socket_refusals(job_name: str) -> int | None:
+    """How many connections the job's socket has refused at its connection limit so far (systemd's
+    NRefused=, since 239), or None when systemd cannot be asked. Only for a run that did not start:
+    it costs a `systemctl` process (about 10 ms), which the front door's start-up does not pay."""
+    import subprocess  # here: not imported on the path of a run that starts
+
+    show = ["systemctl", "show", "--property=NRefused", "--value", f"job-{job_name}.socket"]
+    try:
+        done = subprocess.run(show, capture_output=True, timeout=10, check=True)
+        return int(done.stdout)
+    except (OSError, subprocess.SubprocessError, ValueError):
+        return None
 
 
 def receive(conn: _socket.socket, received: bytearray) -> _socket.socket:

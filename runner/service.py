@@ -159,22 +159,49 @@ def _hand_over(config: Config, request: Request, peer: Peer, client: _socket.soc
     check_allowed(peer, job.name, job.allowed_groups)
     # Arguments are checked by the job's unit, whose error can quote them redacted with its keys: this
     # process holds none, and an argument may be a key pasted by mistake.
+    path = handoff.job_socket(job.name)
     try:
-        handoff.hand_over(client, line, handoff.job_socket(job.name))
+        handoff.hand_over(client, line, path)
     except handoff.HandoffRefused as refused:
         if not refused.reachable:
-            _missing_units(config, job.name, handoff.job_socket(job.name))
-        raise _not_started(job) from None
+            _missing_units(config, job.name, path)
+        _hand_over_again(job, client, line, path)
     journal.log(f"handed a run of job {job.name} to job-{job.name}.socket", journal.PRIORITY_DEBUG)
+
+
+def _hand_over_again(job: Job, client: _socket.socket, line: bytes, path: str) -> None:
+    """The job's socket closed without taking the run: it is at its connection limit (a burst), or the
+    job's unit failed to start (for a job with credentials, most likely one that systemd cannot
+    decrypt). Try once more, which a burst may let through, and tell the two apart by whether systemd
+    counted a refusal at the limit meanwhile: a client told "credential" in a burst would not try again."""
+    before = handoff.socket_refusals(job.name)
+    try:
+        handoff.hand_over(client, line, path)
+        return
+    except handoff.HandoffRefused:
+        pass
+    after = handoff.socket_refusals(job.name)
+    at_limit = None if before is None or after is None else after > before
+    raise _not_started(job, at_limit)
 
 
 def _unknown_job(name: str) -> UnknownJobError:
     return UnknownJobError(f"no job named {quoted(name)}", "see the jobs you may run with: jobctl list")
 
 
-def _not_started(job: Job) -> RunnerError:
-    """What to tell a client whose run systemd would not start in the job's unit."""
+def _not_started(job: Job, at_limit: bool | None = None) -> RunnerError:
+    """What to tell a client whose run systemd would not start in the job's unit; `at_limit`: whether
+    the job's socket refused it at its connection limit (None: systemd could not say)."""
     units = f"journalctl -u 'job-{job.name}@*' -n 20"
+    if at_limit:
+        return BusyError(
+            f"job '{job.name}' did not start: its socket is at its connection limit",
+            "try again in a moment (jobctl does, for up to 30 s)",
+        )
+    if not job.credentials and at_limit is False:
+        return ConfigError(
+            f"job '{job.name}' did not start: its unit failed", f"an administrator can see why with: {units}"
+        )
     if not job.credentials:
         return BusyError(
             f"job '{job.name}' did not start: its socket is at its connection limit, or its unit failed",
@@ -182,9 +209,10 @@ def _not_started(job: Job) -> RunnerError:
         )
     names = ", ".join(repr(name) for name in job.credentials)
     which = f"its credential {names}" if len(job.credentials) == 1 else f"one of its credentials ({names})"
+    maybe_limit = " (or the job's socket is at its connection limit)" if at_limit is None else ""
     return CredentialError(
         f"job '{job.name}' did not start: systemd could not load {which}: corrupt, expired, or "
-        "encrypted for another machine (or the job's socket is at its connection limit)",
+        f"encrypted for another machine{maybe_limit}",
         f"an administrator can see which with: {units}; then store it again: "
         f"sudo jobrunner creds set {job.credentials[0] if len(job.credentials) == 1 else 'NAME'}",
     )

@@ -20,9 +20,11 @@ from pathlib import Path
 from typing import TypeVar
 
 import pytest
+from pytest_mock import MockerFixture
 
-from runner import handoff
-from runner.errors import RequestError
+from runner import handoff, service
+from runner.config import Job, parse_config
+from runner.errors import BusyError, ConfigError, CredentialError, RequestError
 from runner.peer import read_peer
 from runner.protocol import NoRequest
 
@@ -435,3 +437,85 @@ def test_job_socket(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     assert handoff.job_socket("build") == "/run/job/build.sock"
     monkeypatch.setenv("JOBRUNNER_JOB_SOCKETS", str(tmp_path))
     assert handoff.job_socket("build") == f"{tmp_path}/build.sock"
+
+
+# ---------------------------------------------------------------- a run the job's socket did not take
+
+
+def keyed_and_plain_jobs() -> dict[str, Job]:
+    config = parse_config(
+        {
+            "runner": {"project": "/p"},
+            "jobs": {"plain": {"command": ["b"]}, "keyed": {"command": ["k"], "credentials": ["api-key"]}},
+        },
+        "/etc/jobrunner/jobs.toml",
+    )
+    return config.jobs
+
+
+def refused_again(
+    mocker: MockerFixture, job: Job, refusals: list[int | None], second_try_taken: bool = False
+) -> Exception | None:
+    """service._hand_over_again with the second hand-over refused (or taken) and NRefused as given."""
+    attempts = mocker.patch.object(
+        handoff, "hand_over", side_effect=None if second_try_taken else handoff.HandoffRefused(reachable=True)
+    )
+    mocker.patch.object(handoff, "socket_refusals", side_effect=refusals)
+    a, b = socket.socketpair()
+    try:
+        service._hand_over_again(job, a, b"run x", "/run/job/x.sock")
+    except Exception as error:
+        return error
+    finally:
+        a.close()
+        b.close()
+    assert attempts.call_count == 1
+    return None
+
+
+def test_a_second_try_that_is_taken_is_the_run(mocker: MockerFixture) -> None:
+    assert refused_again(mocker, keyed_and_plain_jobs()["keyed"], [7, 7], second_try_taken=True) is None
+
+
+def test_a_refusal_systemd_counted_at_the_limit_is_busy_even_for_a_job_with_keys(
+    mocker: MockerFixture,
+) -> None:
+    for job in keyed_and_plain_jobs().values():
+        error = refused_again(mocker, job, [7, 8])
+        assert isinstance(error, BusyError) and "at its connection limit" in error.message, error
+        assert "credential" not in error.message
+
+
+def test_a_job_with_keys_refused_below_the_limit_has_a_credential_systemd_cannot_load(
+    mocker: MockerFixture,
+) -> None:
+    error = refused_again(mocker, keyed_and_plain_jobs()["keyed"], [7, 7])
+    assert isinstance(error, CredentialError), error
+    assert "'api-key'" in error.message and "connection limit" not in error.message
+    # When systemd cannot be asked, the message says it may also be the limit.
+    unsure = refused_again(mocker, keyed_and_plain_jobs()["keyed"], [None, None])
+    assert isinstance(unsure, CredentialError) and "connection limit" in unsure.message
+
+
+def test_a_job_without_keys_refused_below_the_limit_has_a_failing_unit(mocker: MockerFixture) -> None:
+    error = refused_again(mocker, keyed_and_plain_jobs()["plain"], [3, 3])
+    assert isinstance(error, ConfigError) and "its unit failed" in error.message, error
+    unsure = refused_again(mocker, keyed_and_plain_jobs()["plain"], [None, 3])
+    assert isinstance(unsure, BusyError), unsure
+
+
+def test_socket_refusals_asks_systemd_and_says_none_when_it_cannot(mocker: MockerFixture) -> None:
+    run = mocker.patch("subprocess.run", return_value=subprocess.CompletedProcess([], 0, b"12\n", b""))
+    assert handoff.socket_refusals("build") == 12
+    assert run.call_args.args[0] == [
+        "systemctl",
+        "show",
+        "--property=NRefused",
+        "--value",
+        "job-build.socket",
+    ]
+    run.side_effect = FileNotFoundError("systemctl")
+    assert handoff.socket_refusals("build") is None
+    run.side_effect = None
+    run.return_value = subprocess.CompletedProcess([], 0, b"\n", b"")
+    assert handoff.socket_refusals("build") is None
