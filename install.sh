@@ -131,26 +131,33 @@ changed() { # changed PATH...: did any of these change in this run?
     return 1
 }
 
-# same_package NAME: does $LIBDIR/NAME hold exactly the repository's NAME/*.py, byte-compiled?
+# sources NAME: the package's modules, subpackages included (runner/doctor/), as sorted relative paths.
+sources() {
+    (cd "$1" && find . -name '*.py' -not -path '*/__pycache__/*' | LC_ALL=C sort)
+}
+
+# same_package NAME: does $LIBDIR/NAME hold exactly the repository's NAME/**/*.py, byte-compiled?
 same_package() {
     local name=$1 file
     [ -d "$LIBDIR/$name/__pycache__" ] || return 1
-    [ "$(cd "$SRC/$name" && ls -- *.py)" = "$(cd "$LIBDIR/$name" && ls -- *.py)" ] || return 1
-    for file in "$SRC/$name"/*.py; do
-        cmp -s "$file" "$LIBDIR/$name/${file##*/}" || return 1
-    done
+    [ "$(sources "$SRC/$name")" = "$(sources "$LIBDIR/$name")" ] || return 1
+    while IFS= read -r file; do
+        cmp -s "$SRC/$name/$file" "$LIBDIR/$name/$file" || return 1
+    done < <(sources "$SRC/$name")
 }
 
-# put_package NAME: install $SRC/NAME/*.py as $LIBDIR/NAME, byte-compiled, replacing it whole when any
+# put_package NAME: install $SRC/NAME/**/*.py as $LIBDIR/NAME, byte-compiled, replacing it whole when any
 # source differs (so that a module removed from the repository disappears here too).
 put_package() {
-    local name=$1 dest=$LIBDIR/$1 new
+    local name=$1 dest=$LIBDIR/$1 new file
     if same_package "$name"; then
         return
     fi
     rm -rf "$LIBDIR/.$name".* # what an interrupted run may have left
     new=$(mktemp -d "$LIBDIR/.$name.XXXXXX")
-    install -m 0644 -o root -g root "$SRC/$name"/*.py "$new/"
+    sources "$SRC/$name" | while IFS= read -r file; do
+        install -D -m 0644 -o root -g root "$SRC/$name/$file" "$new/$file"
+    done
     # Byte-compiled now: the sandbox's file system is read-only, so Python would otherwise compile every
     # module again on every connection.
     "$PYTHON" -m compileall -q "$new"

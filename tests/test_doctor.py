@@ -1,4 +1,4 @@
-"""runner/doctor.py, `jobrunner doctor`: the logic of each check, without systemd.
+"""runner/doctor/, `jobrunner doctor`: the logic of each check, without systemd.
 
 Programs (systemctl, systemd-run, systemd-creds, systemd-analyze) are a fake `run` that answers from a
 table and records each call; files are temporary trees, with owners given by a fake lstat where they
@@ -11,6 +11,7 @@ import base64
 import grp
 import json
 import os
+import pwd
 import re
 import socket
 import stat
@@ -19,9 +20,11 @@ from pathlib import Path
 
 import pytest
 
-from runner import admin, doctor, units
+from runner import admin, apply, units
 from runner.config import Config, parse_config
-from runner.doctor import Completed, Context, Enforced, Finding, Probe, Result, Status
+from runner.doctor import access, base, command, credentials, installation, probes
+from runner.doctor.base import Completed, Context, Finding, Result, Status
+from runner.doctor.probes import Enforced, Probe
 
 REPO = Path(__file__).resolve().parents[1]
 HOST_KEY = "5a1c6a86df9d4096b1d5a65e0862f19a"
@@ -72,19 +75,21 @@ API = {"url": "https://api.example.com", "credential": "llm-key"}
 
 
 def test_a_root_only_file_or_directory_has_no_issues() -> None:
-    assert doctor.mode_issues(stat_result(stat.S_IFREG | 0o600), 0o600, directory=False) == []
-    assert doctor.mode_issues(stat_result(stat.S_IFDIR | 0o700), 0o700, directory=True) == []
+    assert credentials.mode_issues(stat_result(stat.S_IFREG | 0o600), 0o600, directory=False) == []
+    assert credentials.mode_issues(stat_result(stat.S_IFDIR | 0o700), 0o700, directory=True) == []
 
 
 def test_mode_issues_name_what_lets_others_in() -> None:
-    issues = doctor.mode_issues(stat_result(stat.S_IFREG | 0o644), 0o600, directory=False)
+    issues = credentials.mode_issues(stat_result(stat.S_IFREG | 0o644), 0o600, directory=False)
     assert issues == ["mode 0644, not 0600: others can read it"]
-    issues = doctor.mode_issues(stat_result(stat.S_IFDIR | 0o750, uid=0, gid=0), 0o700, directory=True)
+    issues = credentials.mode_issues(stat_result(stat.S_IFDIR | 0o750, uid=0, gid=0), 0o700, directory=True)
     assert issues == ["mode 0750, not 0700: others can read it"]
-    issues = doctor.mode_issues(stat_result(stat.S_IFREG | 0o600, uid=4242, gid=4242), 0o600, directory=False)
+    issues = credentials.mode_issues(
+        stat_result(stat.S_IFREG | 0o600, uid=4242, gid=4242), 0o600, directory=False
+    )
     assert issues == ["owned by 4242:4242, not root:root"]
     assert (
-        doctor.mode_issues(stat_result(stat.S_IFLNK | 0o777), 0o600, directory=False)[0]
+        credentials.mode_issues(stat_result(stat.S_IFLNK | 0o777), 0o600, directory=False)[0]
         == "not a regular file"
     )
 
@@ -93,13 +98,13 @@ def test_socket_must_be_root_group_0660(tmp_path: Path) -> None:
     path = str(tmp_path / "job.sock")
     group = grp.struct_group(("devs", "x", 4000, []))
     good = stat_result(stat.S_IFSOCK | 0o660, uid=0, gid=4000)
-    assert doctor.socket_findings(path, group, lambda _: good).status is Status.OK
+    assert access.socket_findings(path, group, lambda _: good).status is Status.OK
     open_to_all = stat_result(stat.S_IFSOCK | 0o666, uid=0, gid=4000)
-    finding = doctor.socket_findings(path, group, lambda _: open_to_all)
+    finding = access.socket_findings(path, group, lambda _: open_to_all)
     assert finding.status is Status.PROBLEM and "mode 0666, not 0660" in finding.message
     other_group = stat_result(stat.S_IFSOCK | 0o660, uid=0, gid=0)
-    assert "not devs" in doctor.socket_findings(path, group, lambda _: other_group).message
-    missing = doctor.socket_findings(path, group)  # nothing there
+    assert "not devs" in access.socket_findings(path, group, lambda _: other_group).message
+    missing = access.socket_findings(path, group)  # nothing there
     assert missing.status is Status.PROBLEM and "missing" in missing.message
 
 
@@ -110,7 +115,7 @@ def test_a_real_socket_is_recognised(tmp_path: Path) -> None:
         os.chmod(path, 0o660)
         group = grp.struct_group(("devs", "x", 4000, []))
         # Its type and mode as they are; its owners as install.sh's units make them.
-        finding = doctor.socket_findings(path, group, lambda p: stat_result(os.lstat(p).st_mode, 0, 4000))
+        finding = access.socket_findings(path, group, lambda p: stat_result(os.lstat(p).st_mode, 0, 4000))
     assert finding.status is Status.OK, finding
 
 
@@ -125,7 +130,7 @@ def test_a_real_socket_is_recognised(tmp_path: Path) -> None:
 )
 def test_outputs_and_logs_are_the_groups_only(mode: int, gid: int, expected: list[str]) -> None:
     st = stat_result(stat.S_IFDIR | mode, uid=0, gid=gid)
-    findings = doctor.shared_directory_findings("outputs", "/srv/p/outputs", "root", lambda _: st)
+    findings = installation.shared_directory_findings("outputs", "/srv/p/outputs", "root", lambda _: st)
     assert statuses(findings) == expected, findings
 
 
@@ -134,9 +139,9 @@ def test_free_space_below_a_gib_or_five_percent_is_a_warning() -> None:
         return os.statvfs_result((4096, 4096, blocks, free_blocks, free_blocks, 0, 0, 0, 0, 255))
 
     gib = (1 << 30) // 4096
-    assert doctor.space_finding("/o", vfs(10 * gib, 100 * gib)).status is Status.OK
-    assert doctor.space_finding("/o", vfs(gib // 2, 100 * gib)).status is Status.WARNING
-    assert doctor.space_finding("/o", vfs(4 * gib, 100 * gib)).status is Status.WARNING  # 4 %
+    assert installation.space_finding("/o", vfs(10 * gib, 100 * gib)).status is Status.OK
+    assert installation.space_finding("/o", vfs(gib // 2, 100 * gib)).status is Status.WARNING
+    assert installation.space_finding("/o", vfs(4 * gib, 100 * gib)).status is Status.WARNING  # 4 %
 
 
 # ------------------------------------------------------------------------ writable by others
@@ -151,14 +156,14 @@ def some(gid: int) -> list[str]:
 
 
 def test_writers_by_owner_group_and_others() -> None:
-    assert doctor.writers(stat_result(stat.S_IFREG | 0o644), some) == []
-    assert doctor.writers(stat_result(stat.S_IFREG | 0o644, uid=4242), nobody) == ["its owner 4242"]
-    assert doctor.writers(stat_result(stat.S_IFREG | 0o664, gid=4242), some) == ["group 4242 (alice)"]
-    assert doctor.writers(stat_result(stat.S_IFREG | 0o664, gid=4242), nobody) == []  # an empty group
-    assert doctor.writers(stat_result(stat.S_IFREG | 0o646), nobody) == ["every user"]
+    assert access.writers(stat_result(stat.S_IFREG | 0o644), some) == []
+    assert access.writers(stat_result(stat.S_IFREG | 0o644, uid=4242), nobody) == ["its owner 4242"]
+    assert access.writers(stat_result(stat.S_IFREG | 0o664, gid=4242), some) == ["group 4242 (alice)"]
+    assert access.writers(stat_result(stat.S_IFREG | 0o664, gid=4242), nobody) == []  # an empty group
+    assert access.writers(stat_result(stat.S_IFREG | 0o646), nobody) == ["every user"]
     # /tmp: others may create entries, but not replace root's.
-    assert doctor.writers(stat_result(stat.S_IFDIR | 0o1777), some) == []
-    assert doctor.writers(stat_result(stat.S_IFLNK | 0o777, uid=4242), some) == []  # links cannot change
+    assert access.writers(stat_result(stat.S_IFDIR | 0o1777), some) == []
+    assert access.writers(stat_result(stat.S_IFLNK | 0o777, uid=4242), some) == []  # links cannot change
 
 
 class Tree:
@@ -173,7 +178,7 @@ class Tree:
         return stat_result(real.st_mode, uid=self.owners.get(path, 0), gid=0)
 
     def writable(self, *paths: tuple[Path, bool]) -> list[tuple[str, str]]:
-        return doctor.find_writable([(str(p), r) for p, r in paths], lambda gid: [], self.lstat)
+        return access.find_writable([(str(p), r) for p, r in paths], lambda gid: [], self.lstat)
 
 
 @pytest.fixture
@@ -251,12 +256,12 @@ def polkit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     for directory in ("etc/rules.d", "usr/rules.d", "etc/localauthority/50-local.d"):
         (tmp_path / directory).mkdir(parents=True)
     monkeypatch.setattr(
-        doctor, "POLKIT_RULE_DIRS", (str(tmp_path / "etc/rules.d"), str(tmp_path / "usr/rules.d"))
+        access, "POLKIT_RULE_DIRS", (str(tmp_path / "etc/rules.d"), str(tmp_path / "usr/rules.d"))
     )
     monkeypatch.setattr(
-        doctor, "POLKIT_PKLA_DIRS", (str(tmp_path / "etc/localauthority"), str(tmp_path / "none"))
+        access, "POLKIT_PKLA_DIRS", (str(tmp_path / "etc/localauthority"), str(tmp_path / "none"))
     )
-    monkeypatch.setattr(doctor, "developer_names", lambda ctx: {"jobrunner", "alice"})
+    monkeypatch.setattr(access, "developer_names", lambda ctx: {"jobrunner", "alice"})
     return tmp_path
 
 
@@ -267,7 +272,7 @@ def test_polkit_files_that_grant_starting_units_are_found(polkit: Path) -> None:
     (polkit / "etc/rules.d/49-ops.rules").write_text(GRANT % "ops")
     (polkit / "etc/rules.d/README").write_text("org.freedesktop.systemd1.manage-units")  # not a rules file
     (polkit / "etc/localauthority/50-local.d/ops.pkla").write_text(PKLA)
-    assert doctor.polkit_grants(doctor.POLKIT_RULE_DIRS, doctor.POLKIT_PKLA_DIRS) == [
+    assert access.polkit_grants(access.POLKIT_RULE_DIRS, access.POLKIT_PKLA_DIRS) == [
         (str(polkit / "etc/rules.d/49-ops.rules"), "org.freedesktop.systemd1.manage-units"),
         (str(polkit / "etc/localauthority/50-local.d/ops.pkla"), "org.freedesktop.systemd1.*"),
     ]
@@ -275,20 +280,20 @@ def test_polkit_files_that_grant_starting_units_are_found(polkit: Path) -> None:
 
 def test_a_grant_to_others_is_a_warning_and_to_the_developers_a_problem(polkit: Path) -> None:
     ctx = Context(FakeRun({}))
-    assert statuses(doctor.check_polkit(ctx)) == ["ok"]
+    assert statuses(access.check_polkit(ctx)) == ["ok"]
     (polkit / "etc/rules.d/49-ops.rules").write_text(GRANT % "ops")
-    assert statuses(doctor.check_polkit(ctx)) == ["warning"]
+    assert statuses(access.check_polkit(ctx)) == ["warning"]
     (polkit / "etc/rules.d/48-devs.rules").write_text(GRANT % "jobrunner")
-    findings = doctor.check_polkit(ctx)
+    findings = access.check_polkit(ctx)
     assert statuses(findings) == ["problem", "warning"]
     assert "48-devs.rules" in findings[0].message and "jobrunner" in findings[0].message
 
 
 def test_a_name_is_mentioned_only_as_a_whole_word() -> None:
-    assert doctor.mentions('isInGroup("jobrunner")', "jobrunner")
-    assert doctor.mentions("Identity=unix-group:jobrunner\n", "jobrunner")
-    assert not doctor.mentions('isInGroup("jobrunner-jobs")', "jobrunner")
-    assert not doctor.mentions('subject.user == "malice"', "alice")
+    assert access.mentions('isInGroup("jobrunner")', "jobrunner")
+    assert access.mentions("Identity=unix-group:jobrunner\n", "jobrunner")
+    assert not access.mentions('isInGroup("jobrunner-jobs")', "jobrunner")
+    assert not access.mentions('subject.user == "malice"', "alice")
 
 
 def test_administrators_who_are_developers_are_a_warning(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -297,15 +302,15 @@ def test_administrators_who_are_developers_are_a_warning(monkeypatch: pytest.Mon
     def getgrnam(name: str) -> grp.struct_group:
         return groups[name]
 
-    monkeypatch.setattr(doctor.grp, "getgrnam", getgrnam)
-    monkeypatch.setattr(doctor.pwd, "getpwall", lambda: [])
-    monkeypatch.setattr(doctor, "developer_names", lambda ctx: {"jobrunner", "alice"})
-    findings = doctor.check_admins(Context(FakeRun({})))
+    monkeypatch.setattr(grp, "getgrnam", getgrnam)
+    monkeypatch.setattr(pwd, "getpwall", lambda: [])
+    monkeypatch.setattr(access, "developer_names", lambda ctx: {"jobrunner", "alice"})
+    findings = access.check_admins(Context(FakeRun({})))
     assert statuses(findings) == ["warning", "ok"]
     assert findings[0].message.startswith("alice: developer(s) in group 'sudo'")
     assert findings[1].message.endswith(": alice, bob")
     groups.clear()
-    assert [f.message for f in doctor.check_admins(Context(FakeRun({})))] == [
+    assert [f.message for f in access.check_admins(Context(FakeRun({})))] == [
         "no one is in sudo, wheel, admin"
     ]
 
@@ -335,7 +340,7 @@ def test_systemctl_show_is_asked_about_an_instance_of_each_template() -> None:
             )
         }
     )
-    states = doctor.unit_states(Context(run), ["job-a.socket", "job-a@.service"])
+    states = installation.unit_states(Context(run), ["job-a.socket", "job-a@.service"])
     assert run.calls[0][0][-3:] == ["--", "job-a.socket", "job-a@0.service"]
     assert states["job-a@.service"]["LoadState"] == "loaded" and set(states) == {
         "job-a.socket",
@@ -345,7 +350,7 @@ def test_systemctl_show_is_asked_about_an_instance_of_each_template() -> None:
 
 def test_units_missing_changed_silent_or_stale_are_problems() -> None:
     names = ["job-a.socket", "job-a@.service", "job-b.socket", "job-b@.service"]
-    states = doctor.parse_show(
+    states = installation.parse_show(
         show(
             ("job-a.socket", "loaded", "active", "no"),
             ("job-a@.service", "loaded", "inactive", "yes"),
@@ -356,7 +361,7 @@ def test_units_missing_changed_silent_or_stale_are_problems() -> None:
         )
     )
     loaded = {"job-a.socket", "job-b.socket", "job-old.socket", "job-gone.socket"}
-    findings = doctor.unit_findings(names, ["job-a.socket", "job-b.socket"], states, loaded)
+    findings = installation.unit_findings(names, ["job-a.socket", "job-b.socket"], states, loaded)
     assert [f.message.split(":")[0] for f in findings] == [
         "jobs.toml calls for units systemd has not loaded",
         "units changed on disk since systemd loaded them",
@@ -374,10 +379,10 @@ def test_units_missing_changed_silent_or_stale_are_problems() -> None:
 
 def test_units_in_line_with_jobs_toml_have_no_findings() -> None:
     names = ["job-a.socket", "job-a@.service"]
-    states = doctor.parse_show(
+    states = installation.parse_show(
         show(("job-a.socket", "loaded", "active", "no"), ("job-a@.service", "loaded", "inactive", "no"))
     )
-    assert doctor.unit_findings(names, ["job-a.socket"], states, {"job-a.socket"}) == []
+    assert installation.unit_findings(names, ["job-a.socket"], states, {"job-a.socket"}) == []
 
 
 def generated(config: Config, directory: Path) -> list[units.Unit]:
@@ -392,13 +397,13 @@ def generated(config: Config, directory: Path) -> list[units.Unit]:
 def test_the_generators_files_match_what_jobs_toml_makes_now(tmp_path: Path) -> None:
     config = config_of({"a": {"command": ["/bin/true"]}, "b": {"command": ["/bin/true"]}})
     expected = generated(config, tmp_path)
-    assert doctor.generated_findings(expected, str(tmp_path)) == []
+    assert installation.generated_findings(expected, str(tmp_path)) == []
     # jobs.toml changed (a job's profile, a new job, a removed one) but nothing reloaded systemd:
     changed = config_of({"a": {"command": ["/bin/true"], "tasks_max": 7}, "c": {"command": ["/bin/true"]}})
     now = units.render(
         changed, (REPO / "units" / "job-NAME@.service.in").read_text(), root=str(tmp_path / "no-root")
     )
-    findings = doctor.generated_findings(now, str(tmp_path))
+    findings = installation.generated_findings(now, str(tmp_path))
     assert [f.message for f in findings] == [
         "generated from an earlier jobs.toml (or template): job-a@.service, job-c.socket, job-c@.service, "
         "job@a.service, job@c.service",
@@ -413,15 +418,15 @@ def test_the_generators_files_match_what_jobs_toml_makes_now(tmp_path: Path) -> 
         "job-b@.service",
         "job@b.service",
     }
-    assert [f.message for f in doctor.generated_findings(now, str(tmp_path), said)] == [
+    assert [f.message for f in installation.generated_findings(now, str(tmp_path), said)] == [
         "generated from an earlier jobs.toml (or template): job-a@.service, job@a.service"
     ]
 
 
 def test_a_generated_file_belongs_to_its_unit() -> None:
-    assert doctor.unit_of("job-x.socket.d/10-install.conf") == "job-x.socket"
-    assert doctor.unit_of("sockets.target.wants/job-x.socket") == "job-x.socket"
-    assert doctor.unit_of("job@x.service") == "job@x.service"
+    assert installation.unit_of("job-x.socket.d/10-install.conf") == "job-x.socket"
+    assert installation.unit_of("sockets.target.wants/job-x.socket") == "job-x.socket"
+    assert installation.unit_of("job@x.service") == "job@x.service"
 
 
 # ------------------------------------------------------------------------------------ probes
@@ -430,52 +435,52 @@ def test_a_generated_file_belongs_to_its_unit() -> None:
 def test_probes_are_short_lived_collected_units_with_unique_names() -> None:
     run = FakeRun({"systemd-run": done("connected\n")})
     ctx = Context(run)
-    doctor.probe_unit(ctx, "firewall", ("IPAddressDeny=any",), "code")
-    doctor.probe_unit(ctx, "firewall", ("IPAddressDeny=any",), "code")
+    probes.probe_unit(ctx, "firewall", ("IPAddressDeny=any",), "code")
+    probes.probe_unit(ctx, "firewall", ("IPAddressDeny=any",), "code")
     names = []
     for argv, _ in run.calls:
         assert argv[:5] == ["systemd-run", "--wait", "--pipe", "--quiet", "--collect"]
-        assert f"RuntimeMaxSec={doctor.PROBE_RUNTIME_S}" in argv and "IPAddressDeny=any" in argv
-        assert f"TimeoutStopSec={doctor.PROBE_STOP_S}" in argv
+        assert f"RuntimeMaxSec={probes.PROBE_RUNTIME_S}" in argv and "IPAddressDeny=any" in argv
+        assert f"TimeoutStopSec={probes.PROBE_STOP_S}" in argv
         names.append(next(a for a in argv if a.startswith("--unit=jobrunner-doctor-firewall-")))
     assert len(set(names)) == 2
 
 
 def test_a_probe_that_outlives_its_timeout_is_stopped() -> None:
     run = FakeRun({"systemd-run": done(returncode=124, stderr="timed out"), "stop": done()})
-    doctor.probe_unit(Context(run), "memory", (), "code")
+    probes.probe_unit(Context(run), "memory", (), "code")
     unit = run.calls[0][0][5].removeprefix("--unit=")
     assert run.calls[1][0] == ["systemctl", "stop", unit]
 
 
 def test_the_firewall_is_enforced_when_the_control_connects_and_the_denied_unit_cannot() -> None:
     connected, blocked = done("connected\n"), done("blocked\n")
-    assert doctor.firewall_verdict(connected, blocked).enforced is Enforced.YES
-    assert doctor.firewall_verdict(connected, connected).enforced is Enforced.NO
-    assert doctor.firewall_verdict(blocked, blocked).enforced is Enforced.UNKNOWN  # the control failed
+    assert probes.firewall_verdict(connected, blocked).enforced is Enforced.YES
+    assert probes.firewall_verdict(connected, connected).enforced is Enforced.NO
+    assert probes.firewall_verdict(blocked, blocked).enforced is Enforced.UNKNOWN  # the control failed
     failed = done(returncode=1, stderr="Failed to start transient service unit")
-    unknown = doctor.firewall_verdict(connected, failed)
+    unknown = probes.firewall_verdict(connected, failed)
     assert unknown.enforced is Enforced.UNKNOWN and "Failed to start" in unknown.detail
 
 
 def test_tasks_and_memory_verdicts() -> None:
-    assert doctor.tasks_verdict(done("started 3 refused 5\n")).enforced is Enforced.YES
-    assert doctor.tasks_verdict(done("started 8 refused 0\n")).enforced is Enforced.NO
-    assert doctor.tasks_verdict(done(returncode=1)).enforced is Enforced.UNKNOWN
-    assert doctor.memory_verdict(done("started\nsurvived\n")).enforced is Enforced.NO
-    assert doctor.memory_verdict(done("started\nrefused\n")).enforced is Enforced.YES
-    assert doctor.memory_verdict(done("started\n", returncode=1)).enforced is Enforced.YES  # killed
-    assert doctor.memory_verdict(done("", returncode=1)).enforced is Enforced.UNKNOWN
-    assert doctor.memory_verdict(done("started\n")).enforced is Enforced.UNKNOWN
+    assert probes.tasks_verdict(done("started 3 refused 5\n")).enforced is Enforced.YES
+    assert probes.tasks_verdict(done("started 8 refused 0\n")).enforced is Enforced.NO
+    assert probes.tasks_verdict(done(returncode=1)).enforced is Enforced.UNKNOWN
+    assert probes.memory_verdict(done("started\nsurvived\n")).enforced is Enforced.NO
+    assert probes.memory_verdict(done("started\nrefused\n")).enforced is Enforced.YES
+    assert probes.memory_verdict(done("started\n", returncode=1)).enforced is Enforced.YES  # killed
+    assert probes.memory_verdict(done("", returncode=1)).enforced is Enforced.UNKNOWN
+    assert probes.memory_verdict(done("started\n")).enforced is Enforced.UNKNOWN
 
 
 def test_a_protection_the_host_ignores_is_a_problem_for_each_job_that_relies_on_it() -> None:
     relying = ["job 'a' (tasks_max = 7)"]
     no = Probe(Enforced.NO, "evidence")
-    assert statuses(doctor.protection_findings(no, doctor.TASKS, relying)) == ["warning", "problem"]
-    assert statuses(doctor.protection_findings(no, doctor.TASKS, [])) == ["warning"]  # the defaults only
-    assert statuses(doctor.protection_findings(no, doctor.FIREWALL, [])) == ["warning"]
-    said = doctor.protection_findings(no, doctor.TASKS, relying)
+    assert statuses(probes.protection_findings(no, probes.TASKS, relying)) == ["warning", "problem"]
+    assert statuses(probes.protection_findings(no, probes.TASKS, [])) == ["warning"]  # the defaults only
+    assert statuses(probes.protection_findings(no, probes.FIREWALL, [])) == ["warning"]
+    said = probes.protection_findings(no, probes.TASKS, relying)
     assert said[0].message == (
         "TasksMax= (process limits) is not enforced on this host: evidence; install.sh's --tasks-max and the "
         "API proxies' TasksMax= have no effect"
@@ -484,8 +489,8 @@ def test_a_protection_the_host_ignores_is_a_problem_for_each_job_that_relies_on_
         said[1].message
         == "job 'a' (tasks_max = 7) relies on it to contain a fork bomb, and this host does not enforce it"
     )
-    assert statuses(doctor.protection_findings(Probe(Enforced.YES, "e"), doctor.TASKS, relying)) == ["ok"]
-    assert statuses(doctor.protection_findings(Probe(Enforced.UNKNOWN, "e"), doctor.TASKS, relying)) == [
+    assert statuses(probes.protection_findings(Probe(Enforced.YES, "e"), probes.TASKS, relying)) == ["ok"]
+    assert statuses(probes.protection_findings(Probe(Enforced.UNKNOWN, "e"), probes.TASKS, relying)) == [
         "warning"
     ]
 
@@ -508,8 +513,8 @@ def test_the_jobs_that_rely_on_the_firewall(
         '[jobs.offline]\ncommand = ["/bin/true"]\nnetwork = "none"\n'
         '[apis.llm]\nurl = "https://api.example.com"\ncredential = "llm-key"\n'
     )
-    monkeypatch.setattr(doctor, "probe_firewall", lambda ctx: Probe(Enforced.NO, "it connected"))
-    findings = doctor.check_firewall(Context(FakeRun({})))
+    monkeypatch.setattr(probes, "probe_firewall", lambda ctx: Probe(Enforced.NO, "it connected"))
+    findings = probes.check_firewall(Context(FakeRun({})))
     assert [f.message.split(" relies")[0] for f in findings[1:]] == [
         "job 'any' (network = \"any\")",
         "job 'listed' (network = [addresses])",
@@ -528,10 +533,10 @@ def test_the_jobs_that_rely_on_limits(
     jobs_toml(
         '[jobs.plain]\ncommand = ["/bin/true"]\n[jobs.capped]\ncommand = ["/bin/true"]\ntasks_max = 7\nmemory_max = "300M"\n'
     )
-    monkeypatch.setattr(doctor, "probe_tasks", lambda ctx: Probe(Enforced.NO, "8 started"))
-    monkeypatch.setattr(doctor, "probe_memory", lambda ctx: Probe(Enforced.NO, "filled"))
-    tasks = doctor.check_tasks(Context(FakeRun({})))
-    memory = doctor.check_memory(Context(FakeRun({})))
+    monkeypatch.setattr(probes, "probe_tasks", lambda ctx: Probe(Enforced.NO, "8 started"))
+    monkeypatch.setattr(probes, "probe_memory", lambda ctx: Probe(Enforced.NO, "filled"))
+    tasks = probes.check_tasks(Context(FakeRun({})))
+    memory = probes.check_memory(Context(FakeRun({})))
     assert statuses(tasks) == statuses(memory) == ["warning", "problem"]
     assert tasks[1].message.startswith("job 'capped' (tasks_max = 7) relies on it")
     assert memory[1].message.startswith("job 'capped' (memory_max = 300M) relies on it")
@@ -571,12 +576,12 @@ Checked = Callable[..., tuple[list[Finding], FakeRun]]
 @pytest.fixture
 def credential(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Checked:
     """credential_findings of a file sealed with the host key, as if root's (whoever runs the tests)."""
-    real = doctor.mode_issues
+    real = credentials.mode_issues
 
     def as_roots(st: os.stat_result, mode: int, *, directory: bool) -> list[str]:
         return real(stat_result(st.st_mode), mode, directory=directory)
 
-    monkeypatch.setattr(doctor, "mode_issues", as_roots)
+    monkeypatch.setattr(credentials, "mode_issues", as_roots)
 
     def check(
         answer: Callable[[Sequence[str]], Completed], users: list[str] | None, mode: int = 0o600
@@ -584,7 +589,7 @@ def credential(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Checked:
         run = FakeRun({"decrypt": answer})
         path = sealed(tmp_path / "api-key")
         path.chmod(mode)
-        findings = doctor.credential_findings(
+        findings = credentials.credential_findings(
             Context(run, now=lambda: NOW), path, "api-key", users, tpm2=False
         )
         return findings, run
@@ -626,7 +631,7 @@ def test_the_expiry_date_is_found_by_decrypting_as_of_later_times(credential: Ch
     assert shown, findings[0].message
     found = max(float(a.removeprefix("--timestamp=@")) for argv, _ in run.calls for a in argv
                 if a.startswith("--timestamp=@") and float(a.removeprefix("--timestamp=@")) <= expires)  # fmt: skip
-    assert expires - found <= doctor.EXPIRY_PRECISION_S
+    assert expires - found <= credentials.EXPIRY_PRECISION_S
     assert len(run.calls) <= 2 + 10  # now, +14 days, then a bisection to the hour
 
 
@@ -660,10 +665,10 @@ def test_an_unused_credential_is_a_warning(credential: Checked) -> None:
 
 
 def test_the_key_that_sealed_a_credential() -> None:
-    assert doctor.key_findings("k", HOST_KEY, tpm2=False) == []
-    assert statuses(doctor.key_findings("k", HOST_KEY, tpm2=True)) == ["warning"]  # could be the TPM2's
-    assert doctor.key_findings("k", TPM2_AND_HOST_KEY, tpm2=True) == []
-    assert statuses(doctor.key_findings("k", NULL_KEY, tpm2=False)) == ["problem"]
+    assert credentials.key_findings("k", HOST_KEY, tpm2=False) == []
+    assert statuses(credentials.key_findings("k", HOST_KEY, tpm2=True)) == ["warning"]  # could be the TPM2's
+    assert credentials.key_findings("k", TPM2_AND_HOST_KEY, tpm2=True) == []
+    assert statuses(credentials.key_findings("k", NULL_KEY, tpm2=False)) == ["problem"]
 
 
 def test_credentials_named_but_not_stored_and_stored_but_unused(
@@ -680,10 +685,10 @@ def test_credentials_named_but_not_stored_and_stored_but_unused(
     sealed(store / "spare")
     monkeypatch.setenv("JOBRUNNER_ROOT", str(tmp_path / "root"))
     monkeypatch.setattr(
-        doctor, "mode_issues", lambda st, mode, directory: []
+        credentials, "mode_issues", lambda st, mode, directory: []
     )  # owners: whoever runs the tests
     ctx = Context(FakeRun({"decrypt": systemd_creds(), "has-tpm2": done(returncode=1)}), now=lambda: NOW)
-    findings = doctor.check_credentials(ctx)
+    findings = credentials.check_credentials(ctx)
     assert [(str(f.status), f.message.split(":")[0]) for f in findings] == [
         ("ok", "'api-key'"),
         ("ok", "'spare'"),
@@ -705,7 +710,7 @@ def test_each_unit_is_held_to_the_readmes_figure() -> None:
         },
         {"llm": API},
     )
-    assert doctor.exposure_limits(config) == {
+    assert installation.exposure_limits(config) == {
         "job@0.service": 0.6,
         "job-web@x.service": 1.2,
         "job-offline@x.service": 0.6,
@@ -720,21 +725,21 @@ def test_exposures_above_the_promise_are_problems() -> None:
         "→ Overall exposure level for job-web@x.service: 1.2 OK :-)\n"
         "→ Overall exposure level for job-offline@x.service: 2.9 OK :-)\n"
     )
-    levels = doctor.parse_exposures(text)
+    levels = installation.parse_exposures(text)
     assert levels == {"job-web@x.service": 1.2, "job-offline@x.service": 2.9}
     limits = {"job-web@x.service": 1.2, "job-offline@x.service": 0.6, "job-gone@x.service": 1.2}
-    findings = doctor.exposure_findings(limits, levels)
+    findings = installation.exposure_findings(limits, levels)
     assert statuses(findings) == ["ok", "problem", "warning"]
     assert findings[1].message == "job-offline@x.service: exposure 2.9, above the 0.6 README promises"
 
 
 def test_systemd_version() -> None:
     def version(text: str) -> list[Finding]:
-        return doctor.check_systemd(Context(FakeRun({"--version": done(text)})))
+        return probes.check_systemd(Context(FakeRun({"--version": done(text)})))
 
     assert statuses(version("systemd 257 (257.13-1~deb13u1)\n+PAM +AUDIT\n")) == ["ok"]
     assert statuses(version("systemd 247 (247.3-7)\n")) == ["problem"]
-    assert statuses(doctor.check_systemd(Context(FakeRun({})))) == ["problem"]
+    assert statuses(probes.check_systemd(Context(FakeRun({})))) == ["problem"]
 
 
 # ------------------------------------------------------------------------ running and output
@@ -745,10 +750,10 @@ def test_a_check_that_fails_is_a_problem_of_that_check_not_a_traceback() -> None
         raise OSError(13, "Permission denied")
 
     def unchecked(ctx: Context) -> list[Finding]:
-        raise doctor.NotChecked("not checked: jobs.toml cannot be read")
+        raise base.NotChecked("not checked: jobs.toml cannot be read")
 
-    checks = (("first", lambda ctx: [doctor.ok("fine")]), ("broken", broken), ("unchecked", unchecked))
-    results = list(doctor.run_checks(checks, Context(FakeRun({}))))
+    checks = (("first", lambda ctx: [base.ok("fine")]), ("broken", broken), ("unchecked", unchecked))
+    results = list(base.run_checks(checks, Context(FakeRun({}))))
     assert [(r.check, str(r.status)) for r in results] == [
         ("first", "ok"),
         ("broken", "problem"),
@@ -767,7 +772,7 @@ RESULTS = [
 
 
 def test_text_output_is_aligned_with_an_indented_fix() -> None:
-    lines = "\n".join(doctor.format_result(r, 11) for r in RESULTS).splitlines()
+    lines = "\n".join(command.format_result(r, 11) for r in RESULTS).splitlines()
     assert lines == [
         "ok       systemd      systemd 257",
         "warning  credentials  'spare' is stored, but unused",
@@ -775,30 +780,32 @@ def test_text_output_is_aligned_with_an_indented_fix() -> None:
         "problem  writable     /etc/jobrunner/jobs.toml can be changed by every user",
         "                      fix: chmod go-w it",
     ]
-    assert doctor.summary(RESULTS) == "\nsummary: 1 problem(s), 1 warning(s), 1 ok"
+    assert command.summary(RESULTS) == "\nsummary: 1 problem(s), 1 warning(s), 1 ok"
 
 
 def test_json_output_is_a_list_of_check_status_message_fix() -> None:
-    shown = json.loads(doctor.format_json(RESULTS))
+    shown = json.loads(command.format_json(RESULTS))
     assert [list(item) for item in shown] == [["check", "status", "message", "fix"]] * 3
     assert shown[0] == {"check": "systemd", "status": "ok", "message": "systemd 257", "fix": None}
     assert [item["status"] for item in shown] == ["ok", "warning", "problem"]
 
 
 def test_the_exit_status_is_1_only_for_a_problem() -> None:
-    assert doctor.exit_status(RESULTS[:2]) == 0  # warnings allowed
-    assert doctor.exit_status(RESULTS) == 1
-    assert doctor.exit_status([]) == 0
+    assert command.exit_status(RESULTS[:2]) == 0  # warnings allowed
+    assert command.exit_status(RESULTS) == 1
+    assert command.exit_status([]) == 0
 
 
 @pytest.fixture
 def fake_checks(monkeypatch: pytest.MonkeyPatch) -> Callable[[list[Finding]], None]:
-    monkeypatch.setattr(doctor.os, "geteuid", lambda: 0)
-    monkeypatch.setattr(doctor.apply, "systemd_running", lambda: True)
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    monkeypatch.setattr(apply, "systemd_running", lambda: True)
 
     def use(findings: list[Finding]) -> None:
         monkeypatch.setattr(
-            doctor, "CHECKS", (("systemd", lambda ctx: [findings[0]]), ("writable", lambda ctx: findings[1:]))
+            command,
+            "CHECKS",
+            (("systemd", lambda ctx: [findings[0]]), ("writable", lambda ctx: findings[1:])),
         )
 
     return use
@@ -808,7 +815,7 @@ def test_jobrunner_doctor_prints_each_item_and_exits_1_on_a_problem(
     fake_checks: Callable[[list[Finding]], None], capsys: pytest.CaptureFixture[str]
 ) -> None:
     fake_checks(
-        [doctor.ok("systemd 257"), doctor.problem("/etc/jobrunner can be changed by alice", "chown root")]
+        [base.ok("systemd 257"), base.problem("/etc/jobrunner can be changed by alice", "chown root")]
     )
     assert admin.main(["doctor"]) == 1
     out = capsys.readouterr().out
@@ -823,7 +830,7 @@ def test_jobrunner_doctor_prints_each_item_and_exits_1_on_a_problem(
 def test_jobrunner_doctor_json_exits_0_with_warnings(
     fake_checks: Callable[[list[Finding]], None], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    fake_checks([doctor.ok("systemd 257"), doctor.warning("TasksMax= is not enforced", "cgroup v2")])
+    fake_checks([base.ok("systemd 257"), base.warning("TasksMax= is not enforced", "cgroup v2")])
     assert admin.main(["doctor", "--json"]) == 0
     shown = json.loads(capsys.readouterr().out)
     assert shown[1] == {
@@ -837,11 +844,11 @@ def test_jobrunner_doctor_json_exits_0_with_warnings(
 def test_jobrunner_doctor_needs_root_and_systemd(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    monkeypatch.setattr(doctor.os, "geteuid", lambda: 1000)
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
     assert admin.main(["doctor"]) == 77
     assert "'jobrunner doctor' must be run as root" in capsys.readouterr().err
-    monkeypatch.setattr(doctor.os, "geteuid", lambda: 0)
-    monkeypatch.setattr(doctor.apply, "systemd_running", lambda: False)
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    monkeypatch.setattr(apply, "systemd_running", lambda: False)
     assert admin.main(["doctor"]) == 69
     with pytest.raises(SystemExit) as usage:
         admin.main(["doctor", "--colour"])
@@ -855,7 +862,7 @@ def test_the_help_documents_the_exit_statuses(capsys: pytest.CaptureFixture[str]
     out = capsys.readouterr().out
     assert "  0    no problem found (warnings allowed)\n  1    at least one problem\n" in out
     assert "77   not run as root" in out and '{"check", "status", "message", "fix"}' in out
-    for name, _ in doctor.CHECKS:
+    for name, _ in command.CHECKS:
         assert f"\n  {name} " in out, name
 
 
@@ -870,9 +877,9 @@ def test_a_legacy_drop_in_that_loads_a_credential_into_every_run_is_a_problem(
     dropins.mkdir(parents=True)
     (dropins / "50-credential-api-key.conf").write_text("[Service]\nLoadCredentialEncrypted=api-key\n")
     monkeypatch.setenv("JOBRUNNER_ROOT", str(tmp_path / "root"))
-    monkeypatch.setattr(doctor, "mode_issues", lambda st, mode, directory: [])
+    monkeypatch.setattr(credentials, "mode_issues", lambda st, mode, directory: [])
     ctx = Context(FakeRun({"decrypt": systemd_creds(), "has-tpm2": done(returncode=1)}), now=lambda: NOW)
-    findings = doctor.check_credentials(ctx)
+    findings = credentials.check_credentials(ctx)
     assert statuses(findings) == ["ok", "problem"]
     assert findings[1].message == f"a legacy drop-in loads 'api-key' into every run: {dropins}"
 
@@ -882,9 +889,11 @@ def test_an_invalid_jobs_toml_is_a_problem_and_the_checks_that_need_it_say_so(
 ) -> None:
     jobs_toml('[jobs.a]\ncommand = "not a list"\n')
     ctx = Context(FakeRun({}))
-    (finding,) = doctor.check_configuration(ctx)
+    (finding,) = probes.check_configuration(ctx)
     assert finding.status is Status.PROBLEM and "key 'command' must be a list of strings" in finding.message
-    results = list(doctor.run_checks((("units", doctor.check_units), ("socket", doctor.check_socket)), ctx))
+    results = list(
+        base.run_checks((("units", installation.check_units), ("socket", access.check_socket)), ctx)
+    )
     assert [(r.check, str(r.status)) for r in results] == [("units", "problem"), ("socket", "problem")]
     assert (
         results[0].message.startswith("not checked: ")
@@ -893,15 +902,15 @@ def test_an_invalid_jobs_toml_is_a_problem_and_the_checks_that_need_it_say_so(
 
 
 def test_the_front_door_and_the_watch_of_jobs_toml_must_run() -> None:
-    running = doctor.parse_show(
+    running = installation.parse_show(
         show(("job.socket", "loaded", "active", "no"), ("jobrunner-config.path", "loaded", "active", "no"))
     )
-    assert doctor.service_findings(running) == []
-    stopped = doctor.parse_show(
+    assert installation.service_findings(running) == []
+    stopped = installation.parse_show(
         show(
             ("job.socket", "loaded", "inactive", "no"), ("jobrunner-config.path", "loaded", "inactive", "no")
         )
     )
-    findings = doctor.service_findings(stopped)
+    findings = installation.service_findings(stopped)
     assert statuses(findings) == ["problem", "warning"]
     assert findings[0].fix == "sudo systemctl enable --now job.socket"
