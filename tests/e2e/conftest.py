@@ -1,6 +1,7 @@
 """End-to-end fixtures: one real systemd container per distro, shared by the whole session.
 
-Select distros with ``JOBRUNNER_E2E_DISTROS=bookworm,trixie`` (the default: both).
+Select distros with ``JOBRUNNER_E2E_DISTROS=bookworm,trixie`` (the default: both); selecting none
+(``JOBRUNNER_E2E_DISTROS=""``) skips every e2e test, which under CI is an error instead.
 The repository is bound read-only at ``/src`` inside.  The container is shared:
 a test that installs units or users should use names no other test uses, and
 undo what would disturb later tests.
@@ -44,6 +45,11 @@ def selected_distros() -> list[str]:
     unknown = sorted(set(chosen) - set(DISTROS))
     if unknown:
         raise pytest.UsageError(f"JOBRUNNER_E2E_DISTROS: unknown distro(s) {unknown}, expected {DISTROS}")
+    if not chosen and _required():
+        raise pytest.UsageError(
+            f"JOBRUNNER_E2E_DISTROS={raw!r} selects no distro, which would skip every e2e test "
+            f"[CI/JOBRUNNER_E2E_REQUIRE set]; expected some of {DISTROS}"
+        )
     return chosen
 
 
