@@ -135,7 +135,7 @@ concurrency = "parallel"
 [jobs.e2e-probe]
 description = "Reports what the sandbox lets a job do (JSON)"
 command = ["bin/e2e-probe"]
-args = "[0-9.:]+"
+args = "[0-9a-f.:]+(%lo:[0-9]+)?"
 """
 
 DEMO_JOB = """
