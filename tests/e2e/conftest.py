@@ -20,6 +20,7 @@ creds set``.  Tests that change the installation restore it.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import secrets
@@ -28,8 +29,10 @@ import shutil
 import signal
 import subprocess
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -129,6 +132,16 @@ command = ["/bin/sh", "-c", "setsid sleep 4242 </dev/null >/dev/null 2>&1 & echo
 [jobs.e2e-hold]
 description = "Holds its key for two seconds"
 command = ["/bin/sh", "-c", "sleep 2; echo held"]
+credentials = ["{credential}"]
+concurrency = "parallel"
+
+[jobs.e2e-gate]
+description = "Holds its key until the test creates 'release' in its output directory (2 minutes at most)"
+command = ["/bin/sh", "-c", '''
+i=0
+until [ -e "$JOB_OUTPUT_DIR/release" ] || [ $i -ge 1200 ]; do sleep 0.1; i=$((i+1)); done
+echo released
+''']
 credentials = ["{credential}"]
 concurrency = "parallel"
 
@@ -261,6 +274,24 @@ def installed(container: Container) -> Installation:
         credential=CREDENTIAL,
         install_output=result.stdout.decode(),
     )
+
+
+@contextmanager
+def gated_run(inst: Installation) -> Iterator[dict[str, Any]]:
+    """A run of e2e-gate, detached, as the developer (its `accepted` event): it runs, holding its key,
+    until the block ends, which releases it and waits until systemd has let go of its unit."""
+    started = inst.jobctl("--json", "run", "--detach", "e2e-gate")
+    assert started.returncode == 0, started.stderr
+    accepted: dict[str, Any] = json.loads(started.stdout.splitlines()[0])
+    try:
+        yield accepted
+    finally:
+        inst.container.run(["touch", f"{accepted['output_dir']}/release"])
+        inst.container.run(
+            ["sh", "-c", "until [ -z \"$(systemctl list-units --all --plain --no-legend 'job-e2e-gate@*')\" ]; "
+             "do sleep 0.1; done"],
+            timeout=60,
+        )  # fmt: skip
 
 
 def exposure(ct: Container, unit: str) -> float:

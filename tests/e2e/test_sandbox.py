@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from .conftest import Installation
+from .conftest import Installation, gated_run
 
 pytestmark = pytest.mark.e2e
 
@@ -191,10 +191,10 @@ def test_identity_is_a_dynamic_user_of_the_jobs_own_in_the_developer_group(
     again = installed.jobctl("run", "e2e-probe")
     assert json.loads(again.stdout.decode().splitlines()[0])["uid"] == uid
     # ...and another job's run another one: it cannot trace, signal or read the first job's processes.
-    installed.jobctl("--json", "run", "--detach", "e2e-hold")
-    users = installed.sh("for i in $(seq 100); do ps -o user:32= -C sleep && break; sleep 0.1; done")
-    assert users.split() == ["job-e2e-hold"]
-    assert int(installed.sh("id -u job-e2e-hold")) != uid
+    with gated_run(installed):
+        users = installed.sh("for i in $(seq 100); do ps -o user:32= -C sleep && break; sleep 0.1; done")
+        assert set(users.split()) == {"job-e2e-gate"}
+        assert int(installed.sh("id -u job-e2e-gate")) != uid
 
 
 def test_lock_directory_is_the_jobs_and_no_one_elses(installed: Installation, probe: Probe) -> None:
@@ -215,14 +215,17 @@ def test_lock_directory_is_the_jobs_and_no_one_elses(installed: Installation, pr
 def test_the_runner_reaches_the_journal_and_systemd_from_the_sandbox(installed: Installation) -> None:
     # Structured entries (JOB_NAME=, RUN_ID=) need the journal's socket; a STATUS= line for
     # `systemctl status` needs NotifyAccess=main and the notify socket. Both are AF_UNIX, in a read-only /run.
-    started = installed.jobctl("--json", "run", "--detach", "e2e-hold")
-    run_id = json.loads(started.stdout.decode().splitlines()[0])["run_id"]
-    status = installed.sh("systemctl show --property=StatusText 'job-e2e-hold@*.service'")
-    assert f"running e2e-hold (run {run_id}) for {installed.developer}" in status, status
+    with gated_run(installed) as accepted:
+        run_id = accepted["run_id"]
+        status = installed.sh(
+            "until systemctl show --property=StatusText 'job-e2e-gate@*.service' | grep -q running; "
+            "do sleep 0.1; done; systemctl show --property=StatusText 'job-e2e-gate@*.service'"
+        )
+    assert f"running e2e-gate (run {run_id}) for {installed.developer}" in status, status
     installed.container.run(["journalctl", "--sync"])
     entries = installed.sh(f"journalctl --output=json --no-pager RUN_ID={run_id}")
     fields = [json.loads(line) for line in entries.splitlines()]
-    assert fields and all(f["JOB_NAME"] == "e2e-hold" for f in fields), entries
+    assert fields and all(f["JOB_NAME"] == "e2e-gate" for f in fields), entries
     assert fields[0]["SYSLOG_IDENTIFIER"] == "jobrunner" and fields[0]["_SYSTEMD_UNIT"].startswith(
-        "job-e2e-hold@"
+        "job-e2e-gate@"
     )
