@@ -239,23 +239,46 @@ def test_many_runs_over_five_jobs_leave_nothing_behind(units: Installation) -> N
     assert ct.run(["sh", "-c", "pgrep -u jobrunner-job || true"]).stdout == b""
 
 
-def test_upgrade_from_one_unit_for_every_job(container: Container, installed: Installation) -> None:
+def test_upgrade_from_one_unit_for_every_job(units: Installation) -> None:
     # What the layout before one unit per job left: a credential drop-in of job@.service that loaded the
     # key into every run. Installing again converges: the drop-in is gone, the credential stays, and a
     # job that does not name it does not get it.
-    ct = container
+    ct = units.container
     legacy = "/etc/systemd/system/job@.service.d/50-credential-api-key.conf"
+
+    def credentials_of_an_operators_run() -> str:
+        """The $CREDENTIALS_DIRECTORY of e2e-nocreds (which names no credential) when an operator starts
+        it: its unit, job@e2e-nocreds.service, is one the drop-in reaches (a socket run's
+        job-e2e-nocreds@... never was). systemd sets it only when it loads a credential into the unit,
+        and fails the start (243/CREDENTIALS) when one does not decrypt."""
+        cursor = ct.run(["journalctl", "--show-cursor", "-n", "0", "--quiet"]).stdout.decode()
+        ct.run(["systemctl", "start", "job@e2e-nocreds.service"])
+        ct.run(["journalctl", "--sync"])
+        journal = ct.run(
+            ["journalctl", "-o", "cat", "--no-pager", "-u", "job@e2e-nocreds.service",
+             f"--after-cursor={cursor.rpartition('-- cursor: ')[2].strip()}"]
+        ).stdout.decode()  # fmt: skip
+        (line,) = [line for line in journal.splitlines() if line.startswith("dir=")]  # the job ran
+        return line.removeprefix("dir=")
+
     ct.write_file(legacy, "[Service]\nLoadCredentialEncrypted=api-key:/etc/credstore.encrypted/api-key\n")
     ct.run(["systemctl", "daemon-reload"])
-    copy_checkout(ct)
-    out = run_install(ct, "--project", installed.project).stdout.decode()
-    assert f"removed {legacy}" in out
-    assert ct.run(["test", "-e", legacy], check=False).returncode != 0
+    try:
+        # The old layout in effect: the key is decrypted for a job that does not name it.
+        assert credentials_of_an_operators_run() == "/run/credentials/job@e2e-nocreds.service"
+        copy_checkout(ct)
+        out = run_install(ct, "--project", units.project).stdout.decode()
+        assert f"removed {legacy}" in out
+        assert ct.run(["test", "-e", legacy], check=False).returncode != 0
+        assert credentials_of_an_operators_run() == "unset"
+    finally:
+        ct.run(["rm", "-f", legacy])  # whatever install.sh left, for the tests after this one
+        ct.run(["systemctl", "daemon-reload"])
     assert ct.run(["test", "-e", "/etc/credstore.encrypted/api-key"], check=False).returncode == 0
-    probed = json.loads(installed.jobctl("run", "e2e-probe").stdout)
+    probed = json.loads(units.jobctl("run", "e2e-probe").stdout)
     assert "CREDENTIALS_DIRECTORY" not in probed["environment"]
-    ok = installed.jobctl("run", "e2e-hello", "--", "upgraded")
-    assert ok.returncode == 0 and b"hello upgraded" in ok.stdout
+    ok = units.jobctl("run", "e2e-hello", "--", "upgraded")
+    assert ok.returncode == 0 and b"hello upgraded" in ok.stdout  # and the key it names still decrypts
 
 
 def test_a_new_group_reaches_the_jobs_sockets(units: Installation) -> None:
