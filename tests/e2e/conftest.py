@@ -28,6 +28,7 @@ import shlex
 import shutil
 import signal
 import subprocess
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -292,6 +293,31 @@ def gated_run(inst: Installation) -> Iterator[dict[str, Any]]:
              "do sleep 0.1; done"],
             timeout=60,
         )  # fmt: skip
+
+
+def operator_start(
+    ct: Container, job: str, *, check: bool = True, also: tuple[str, ...] = ()
+) -> tuple[subprocess.CompletedProcess[bytes], str]:
+    """`systemctl start job@JOB.service`, as an operator, and what its unit wrote to the journal. The
+    job's output reaches the journal through its stdout stream, which journald may read after the start
+    has returned, even after `journalctl --sync`: this waits until the runner's last line (`jobrunner:
+    JOB (run ...) ...`, the stream's end) is there, and each of `also` (systemd's own messages)."""
+    cursor = ct.run(["journalctl", "--show-cursor", "-n", "0", "--quiet"]).stdout.decode()
+    cursor = cursor.rpartition("-- cursor: ")[2].strip()
+    result = ct.run(["systemctl", "start", f"job@{job}.service"], check=check)
+    journal = ""
+    for _ in range(600):
+        ct.run(["journalctl", "--sync"])
+        journal = ct.run(
+            ["journalctl", "-o", "cat", "--no-pager", f"--after-cursor={cursor}", "-u", f"job@{job}.service"]
+        ).stdout.decode()
+        lines = journal.splitlines()
+        if any(line.startswith(f"jobrunner: {job} (run ") for line in lines) and all(
+            a in journal for a in also
+        ):
+            return result, journal
+        time.sleep(0.1)
+    raise AssertionError(f"the end of job@{job}.service's run is not in the journal:\n{journal}")
 
 
 def exposure(ct: Container, unit: str) -> float:

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.e2e.conftest import Installation, write_jobs
+from tests.e2e.conftest import Installation, operator_start, write_jobs
 
 pytestmark = pytest.mark.e2e
 
@@ -212,14 +212,8 @@ def test_printed_keys_are_redacted_in_the_stream_the_run_log_and_the_journal(sec
     assert b"***" in log and secured.secret.encode() not in log
     # A socket run's output goes to its client and its run log, not to the journal; an operator's
     # `systemctl start job@NAME` writes it there: redacted too.
-    cursor = ct.run(["journalctl", "--show-cursor", "-n", "0", "--quiet"]).stdout.decode()
-    cursor = cursor.rpartition("-- cursor: ")[2].strip()
-    ct.run(["systemctl", "start", "job@sec-leak"])
-    ct.run(["journalctl", "--sync"])
-    operator = ct.run(
-        ["journalctl", "-o", "cat", "--no-pager", f"--after-cursor={cursor}", "-u", "job@sec-leak"]
-    )
-    assert b"env: ***" in operator.stdout and b"exited with 0" in operator.stdout, operator.stdout
+    operator = operator_start(ct, "sec-leak")[1]
+    assert "env: ***" in operator and "exited with 0" in operator, operator
     journal = ct.run(["journalctl", "-o", "json", "--no-pager", "-u", "job-*@*", "-u", "job@*"]).stdout
     assert journal and secured.secret.encode() not in journal
 

@@ -8,12 +8,19 @@ from __future__ import annotations
 import json
 import re
 import secrets
-import time
 from collections.abc import Iterator
 
 import pytest
 
-from .conftest import Installation, copy_checkout, exposure, jobs_toml, run_install, write_jobs
+from .conftest import (
+    Installation,
+    copy_checkout,
+    exposure,
+    jobs_toml,
+    operator_start,
+    run_install,
+    write_jobs,
+)
 from .container import Container
 
 pytestmark = pytest.mark.e2e
@@ -73,7 +80,12 @@ def units(installed: Installation) -> Iterator[Installation]:
     write_jobs(ct, jobs_toml() + UNIT_JOBS)
     ct.run(["systemd-run", "--unit=e2e-listener", "--collect", "socat",
             f"TCP-LISTEN:{PORT},bind=0.0.0.0,fork,reuseaddr", "EXEC:/bin/true"])  # fmt: skip
-    time.sleep(1.5)  # past the expiring credential's not-after (and the listener is up by then)
+    # Past the expiring credential's not-after (systemd-creds refuses it from then on), and the listener up.
+    ct.run(
+        ["sh", "-c", f"until ! systemd-creds decrypt --name={EXPIRING} /etc/credstore.encrypted/{EXPIRING} - "
+         f">/dev/null 2>&1; do sleep 0.1; done; until socat -T1 /dev/null TCP:127.0.0.1:{PORT}; do sleep 0.1; done"],
+        timeout=60,
+    )  # fmt: skip
     try:
         yield installed
     finally:
@@ -114,9 +126,7 @@ def test_a_job_finds_exactly_its_own_credential(units: Installation) -> None:
     # The operator's start gets the job's own unit too: the same credentials, no other.
     ct = units.container
     for job, expected in (("e2e-onecred", "api-key"), ("e2e-other", OTHER), ("e2e-nocreds", "dir=unset")):
-        ct.run(["systemctl", "start", f"job@{job}.service"])
-        journal = ct.run(["journalctl", "-u", f"job@{job}.service", "-o", "cat", "--no-pager", "-n", "40"])
-        lines = journal.stdout.decode().splitlines()
+        lines = operator_start(ct, job)[1].splitlines()
         assert expected in lines, lines
         names = {"api-key", OTHER} - {expected}
         assert not names & set(lines), lines
@@ -251,13 +261,7 @@ def test_upgrade_from_one_unit_for_every_job(units: Installation) -> None:
         it: its unit, job@e2e-nocreds.service, is one the drop-in reaches (a socket run's
         job-e2e-nocreds@... never was). systemd sets it only when it loads a credential into the unit,
         and fails the start (243/CREDENTIALS) when one does not decrypt."""
-        cursor = ct.run(["journalctl", "--show-cursor", "-n", "0", "--quiet"]).stdout.decode()
-        ct.run(["systemctl", "start", "job@e2e-nocreds.service"])
-        ct.run(["journalctl", "--sync"])
-        journal = ct.run(
-            ["journalctl", "-o", "cat", "--no-pager", "-u", "job@e2e-nocreds.service",
-             f"--after-cursor={cursor.rpartition('-- cursor: ')[2].strip()}"]
-        ).stdout.decode()  # fmt: skip
+        journal = operator_start(ct, "e2e-nocreds")[1]
         (line,) = [line for line in journal.splitlines() if line.startswith("dir=")]  # the job ran
         return line.removeprefix("dir=")
 
