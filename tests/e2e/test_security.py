@@ -246,8 +246,13 @@ def test_a_job_writes_only_its_outputs_and_logs(secured: Installation) -> None:
     # its uid is another dynamic one) with the job's groups.
     ct = secured.container
     scratch = secured.sh("mktemp -d").strip()
+    # The developer's home may be closed to others (0700, trixie's default): the job reaches the project
+    # through its unit's bind mount, and the identity outside needs a way in to try the same directory.
+    home = f"/home/{secured.developer}"
+    home_mode = secured.sh(f"stat -c %a {home}").strip()
     try:
         ct.run(["chmod", "0777", scratch])
+        ct.run(["chmod", "o+x", home])
         outside = report_of(
             ct.run(
                 ["setpriv", "--reuid=61999", "--regid=61999", f"--groups={secured.group},jobrunner-jobs",
@@ -255,6 +260,7 @@ def test_a_job_writes_only_its_outputs_and_logs(secured: Installation) -> None:
             ).stdout.decode()
         )  # fmt: skip
     finally:
+        ct.run(["chmod", home_mode, home])
         secured.sh(f"rm -rf {scratch} /var/tmp/probe-outside /dev/shm/probe-outside /run/lock/probe-outside")
 
     def named(paths: list[str], run_id: str, output_dir: str) -> set[str]:
