@@ -19,8 +19,8 @@ pytestmark = pytest.mark.e2e
 
 SECURITY_JOBS = """
 [jobs.sec-hold]
-description = "Holds the key for a while (for the tests that try to steal it)"
-command = ["/bin/sh", "-c", "echo $$ > \\"$JOB_OUTPUT_DIR/pid\\"; echo holding; exec sleep 30"]
+description = "Holds the key until it is killed (for the tests that try to steal it; 10 minutes at most)"
+command = ["/bin/sh", "-c", "echo $$ > \\"$JOB_OUTPUT_DIR/pid\\"; echo holding; exec sleep 600"]
 credentials = ["{credential}"]
 env = {{ API_KEY = "credential:{credential}" }}
 concurrency = "parallel"
@@ -111,10 +111,6 @@ def as_developer(inst: Installation, command: str) -> tuple[int, bytes]:
 def as_root(inst: Installation, command: str) -> tuple[int, bytes]:
     result = inst.container.run(["sh", "-c", command], check=False)
     return result.returncode, result.stdout + result.stderr
-
-
-def job_units(inst: Installation, job: str) -> str:
-    return inst.sh(f"systemctl list-units --all --plain --no-legend 'job-{job}@*'")
 
 
 def wait_until_no_unit(inst: Installation, job: str) -> None:
