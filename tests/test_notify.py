@@ -64,10 +64,11 @@ def test_status_without_a_manager_does_nothing(monkeypatch: pytest.MonkeyPatch) 
 
 
 @pytest.mark.parametrize(("socket_set", "imports_libsystemd"), [(False, False), (True, True)])
-def test_status_without_a_manager_imports_nothing(
+def test_status_imports_nothing_without_a_manager(
     tmp_path: Path, socket_set: bool, imports_libsystemd: bool
 ) -> None:
-    # In a fresh interpreter: what status() adds to sys.modules (with a manager, libsystemd's module).
+    # In a fresh interpreter: what status() adds to sys.modules. Without a manager nothing; with one
+    # libsystemd's module, which shows that the probe sees an import when there is one.
     env = {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"}
     if socket_set:
         env["NOTIFY_SOCKET"] = str(tmp_path / "absent.sock")
