@@ -1,14 +1,75 @@
-"""Fixtures for every test."""
+"""Fixtures and hooks for every test.
+
+In CI (``CI`` set to 1, true or yes) nothing may skip: a skip there would hide a claim that was never
+proven (a missing tool, a host that cannot run a test), so a skipped test is reported as failed, with
+the reason it gave. Run by hand, a skip stays a skip, and pytest prints every reason (``-rs``).
+
+Hypothesis keeps nothing in the checkout: no example database, and its caches in a temporary
+directory that is removed when the session ends.
+"""
 
 from __future__ import annotations
 
+import os
+import shutil
 import signal
-from collections.abc import Iterator
+import tempfile
+from collections.abc import Generator, Iterator
 from pathlib import Path
 
+import hypothesis
 import pytest
 
 from tests.api_upstream import Upstream, make_ca, make_server_cert
+
+hypothesis.settings.register_profile("jobrunner", database=None)
+hypothesis.settings.load_profile("jobrunner")
+_HYPOTHESIS_HOME = pytest.StashKey[str]()
+
+
+def in_ci() -> bool:
+    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Read when hypothesis first stores something (its constants cache), after this.
+    if "HYPOTHESIS_STORAGE_DIRECTORY" not in os.environ:
+        home = tempfile.mkdtemp(prefix="jobrunner-hypothesis-")
+        config.stash[_HYPOTHESIS_HOME] = home
+        os.environ["HYPOTHESIS_STORAGE_DIRECTORY"] = home
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    home = config.stash.get(_HYPOTHESIS_HOME, None)
+    if home is not None:
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def _fail_a_skip_in_ci(report: pytest.TestReport | pytest.CollectReport) -> None:
+    if in_ci() and report.skipped and not hasattr(report, "wasxfail"):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        report.outcome = "failed"
+        report.longrepr = f"skipped in CI, where nothing may skip: {reason}"
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    """In CI a skipped test fails, whatever skipped it (a mark, pytest.skip(), a fixture)."""
+    report = yield
+    _fail_a_skip_in_ci(report)
+    return report
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_make_collect_report(
+    collector: pytest.Collector,
+) -> Generator[None, pytest.CollectReport, pytest.CollectReport]:
+    """... and so does a module skipped whole at collection (pytest.skip(allow_module_level=True))."""
+    report = yield
+    _fail_a_skip_in_ci(report)
+    return report
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -437,7 +437,8 @@ def test_timeout_stops_the_job_with_sigterm(workdir: Path) -> None:
     assert outcome.timed_out
     assert not outcome.cancelled
     assert outcome.stop_reason is StopReason.TIMEOUT
-    assert 0.3 <= outcome.duration_s < 5
+    # Stopped at the timeout, not when the job ends (30 s): 20 s leaves a busy machine its margin.
+    assert 0.3 <= outcome.duration_s < 20
     assert outcome.describe() == "timed out, killed by SIGTERM"
 
 
@@ -450,7 +451,8 @@ def test_timeout_kills_a_job_that_ignores_sigterm(workdir: Path, monkeypatch: py
     assert outcome.exit_code == 124
     assert outcome.signal == signal.SIGKILL
     assert outcome.timed_out
-    assert 0.8 <= outcome.duration_s < 5  # timeout, then the grace period (not the default 10 s)
+    # The timeout, then this grace period: not the default 10 s (it would be 10.3 s at least).
+    assert 0.8 <= outcome.duration_s < 8
 
 
 @pytest.mark.parametrize("timeout_s", [30 * 86400.0, float("inf")], ids=["30 days", "inf"])
@@ -474,14 +476,15 @@ def test_background_children_are_killed_when_the_job_exits(workdir: Path, strays
 def test_a_background_child_holding_the_output_pipe_does_not_keep_the_run_going(
     workdir: Path, monkeypatch: pytest.MonkeyPatch, strays: list[int]
 ) -> None:
-    monkeypatch.setattr(execute, "DRAIN_IDLE_S", 5.0)
+    monkeypatch.setattr(execute, "DRAIN_IDLE_S", 60.0)
 
     outcome, channel, _ = supervise("sleep 30 & echo $!", workdir)
     grandchild = int(channel.stream("stdout"))
     strays.append(grandchild)
 
     assert outcome.exit_code == 0
-    assert outcome.duration_s < 2.5  # killed with its group: no waiting for the pipe to go quiet
+    # Killed with its group: no waiting for the pipe to go quiet (60 s) or the child to end (30 s).
+    assert outcome.duration_s < 20
     assert is_gone(grandchild)
 
 
@@ -498,7 +501,8 @@ def test_an_escaped_process_holding_the_pipe_is_given_up_on(
     strays.append(int(channel.stream("stdout")))
 
     assert outcome.exit_code == 0
-    assert 0.3 <= outcome.duration_s < 3
+    # Given up on after the idle time, not when the escaped process ends (30 s).
+    assert 0.3 <= outcome.duration_s < 20
 
 
 def test_the_job_is_cancelled_when_the_client_goes_away(workdir: Path) -> None:
@@ -519,7 +523,7 @@ def test_the_job_is_cancelled_when_the_client_goes_away(workdir: Path) -> None:
     assert outcome.stop_reason is StopReason.CANCELLED
     assert outcome.signal == signal.SIGTERM
     assert outcome.exit_code == 128 + signal.SIGTERM
-    assert outcome.duration_s < 5
+    assert outcome.duration_s < 20  # stopped, not run to its end (30 s)
     assert isinstance(log, ListLog)
     assert b"finished" not in log.text()
 
@@ -537,7 +541,7 @@ def test_the_job_is_cancelled_when_sending_its_output_finds_the_client_gone(work
 
     assert outcome.cancelled
     assert outcome.stop_reason is StopReason.CANCELLED
-    assert outcome.duration_s < 5
+    assert outcome.duration_s < 20  # stopped, not run to its end (30 s)
     assert isinstance(log, ListLog)
     assert b"finished" not in log.text()
 
@@ -578,7 +582,7 @@ def test_a_stop_signal_to_the_runner_stops_the_job(workdir: Path) -> None:
     assert outcome.stop_reason is StopReason.STOPPED
     assert outcome.cancelled
     assert outcome.exit_code == 128 + signal.SIGTERM
-    assert outcome.duration_s < 5
+    assert outcome.duration_s < 20  # stopped, not run to its end (30 s)
     assert signal.getsignal(signal.SIGTERM) == handler_before
     assert signal.set_wakeup_fd(wakeup_before) == wakeup_before
 

@@ -126,11 +126,10 @@ def test_sending_status_to_systemd_does_not_import_socket(tmp_path: Path) -> Non
     assert not imported & {"socket", "sdnotify", "selectors", "systemd.daemon"}
 
 
-def test_a_text_request_does_not_import_json() -> None:
+def test_a_text_request_does_not_import_json(tmp_path: Path) -> None:
     # `run NAME` over socat: parsed, answered and logged without json (~1 ms); a JSON request needs it.
     text = imported_by(
-        """\
-        import os, tempfile
+        f"""\
         import runner.service
         from runner import protocol, runs
         request = protocol.parse_request(b"run x")
@@ -138,9 +137,9 @@ def test_a_text_request_does_not_import_json() -> None:
         reply.output("stdout", b"out")
         reply.exit(protocol.ExitReport("x", "RID", 0, None, False, False, 0.5, "/l", "/o", ("w",)))
         reply.error("busy", "message", "hint")
-        log = runs.RunLog(os.path.join(tempfile.mkdtemp(), "run.log"))
-        log.header({"args": list(request.args), "command": ["/bin/true"], "detach": request.detach})
-        log.footer({"exit_code": 0, "warnings": ["w"]})
+        log = runs.RunLog("{tmp_path}/run.log")
+        log.header({{"args": list(request.args), "command": ["/bin/true"], "detach": request.detach}})
+        log.footer({{"exit_code": 0, "warnings": ["w"]}})
         log.close()
         """
     )

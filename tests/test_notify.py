@@ -3,7 +3,9 @@ $NOTIFY_SOCKET, silent without one, never raising."""
 
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,6 +13,8 @@ from pathlib import Path
 import pytest
 
 from runner import notify
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
@@ -46,8 +50,39 @@ def test_without_python_systemds_c_module_sdnotify_sends_it(
 
 
 def test_status_without_a_manager_does_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    sent: list[str] = []
+    monkeypatch.setattr(notify, "_notify", sent.append)
     monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
-    notify.status("nobody listens")  # must not raise, nor import anything for nothing
+    notify.status("nobody listens")
+    assert sent == []
+    monkeypatch.setenv("NOTIFY_SOCKET", "")  # set but empty: no manager either
+    notify.status("nobody listens")
+    assert sent == []
+    monkeypatch.setenv("NOTIFY_SOCKET", "/run/systemd/notify")  # the stand-in does see a send
+    notify.status("somebody")
+    assert sent == ["STATUS=somebody"]
+
+
+@pytest.mark.parametrize(("socket_set", "imports_libsystemd"), [(False, False), (True, True)])
+def test_status_imports_nothing_without_a_manager(
+    tmp_path: Path, socket_set: bool, imports_libsystemd: bool
+) -> None:
+    # In a fresh interpreter: what status() adds to sys.modules. Without a manager nothing; with one
+    # libsystemd's module, which shows that the probe sees an import when there is one.
+    env = {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"}
+    if socket_set:
+        env["NOTIFY_SOCKET"] = str(tmp_path / "absent.sock")
+    probe = (
+        "import sys\nfrom runner import notify\nbefore = set(sys.modules)\nnotify.status('x')\n"
+        "print(*sorted(set(sys.modules) - before))"
+    )
+    env["PYTHONPATH"] = str(REPO)
+    out = subprocess.run(
+        [sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True
+    ).stdout.split()
+    assert ("systemd._daemon" in out) == imports_libsystemd, out
+    if not socket_set:
+        assert out == []
 
 
 def test_a_failed_send_is_logged_not_raised(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

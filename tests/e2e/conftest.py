@@ -1,6 +1,7 @@
 """End-to-end fixtures: one real systemd container per distro, shared by the whole session.
 
-Select distros with ``JOBRUNNER_E2E_DISTROS=bookworm,trixie`` (the default: both).
+Select distros with ``JOBRUNNER_E2E_DISTROS=bookworm,trixie`` (the default: both); selecting none
+(``JOBRUNNER_E2E_DISTROS=""``) skips every e2e test, which under CI is an error instead.
 The repository is bound read-only at ``/src`` inside.  The container is shared:
 a test that installs units or users should use names no other test uses, and
 undo what would disturb later tests.
@@ -19,6 +20,7 @@ creds set``.  Tests that change the installation restore it.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import secrets
@@ -26,9 +28,12 @@ import shlex
 import shutil
 import signal
 import subprocess
+import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -44,6 +49,11 @@ def selected_distros() -> list[str]:
     unknown = sorted(set(chosen) - set(DISTROS))
     if unknown:
         raise pytest.UsageError(f"JOBRUNNER_E2E_DISTROS: unknown distro(s) {unknown}, expected {DISTROS}")
+    if not chosen and _required():
+        raise pytest.UsageError(
+            f"JOBRUNNER_E2E_DISTROS={raw!r} selects no distro, which would skip every e2e test "
+            f"[CI/JOBRUNNER_E2E_REQUIRE set]; expected some of {DISTROS}"
+        )
     return chosen
 
 
@@ -126,10 +136,20 @@ command = ["/bin/sh", "-c", "sleep 2; echo held"]
 credentials = ["{credential}"]
 concurrency = "parallel"
 
+[jobs.e2e-gate]
+description = "Holds its key until the test creates 'release' in its output directory (2 minutes at most)"
+command = ["/bin/sh", "-c", '''
+i=0
+until [ -e "$JOB_OUTPUT_DIR/release" ] || [ $i -ge 1200 ]; do sleep 0.1; i=$((i+1)); done
+echo released
+''']
+credentials = ["{credential}"]
+concurrency = "parallel"
+
 [jobs.e2e-probe]
 description = "Reports what the sandbox lets a job do (JSON)"
 command = ["bin/e2e-probe"]
-args = "[0-9.:]+"
+args = "[0-9a-f.:]+(%lo:[0-9]+)?"
 """
 
 DEMO_JOB = """
@@ -255,6 +275,48 @@ def installed(container: Container) -> Installation:
         credential=CREDENTIAL,
         install_output=result.stdout.decode(),
     )
+
+
+@contextmanager
+def gated_run(inst: Installation) -> Iterator[dict[str, Any]]:
+    """A run of e2e-gate, detached, as the developer (its `accepted` event): it runs, holding its key,
+    until the block ends, which releases it and waits until systemd has let go of its unit."""
+    started = inst.jobctl("--json", "run", "--detach", "e2e-gate")
+    assert started.returncode == 0, started.stderr
+    accepted: dict[str, Any] = json.loads(started.stdout.splitlines()[0])
+    try:
+        yield accepted
+    finally:
+        inst.container.run(["touch", f"{accepted['output_dir']}/release"])
+        inst.container.run(
+            ["sh", "-c", "until [ -z \"$(systemctl list-units --all --plain --no-legend 'job-e2e-gate@*')\" ]; "
+             "do sleep 0.1; done"],
+            timeout=60,
+        )  # fmt: skip
+
+
+def operator_start(
+    ct: Container, job: str, *, check: bool = True, also: tuple[str, ...] = ()
+) -> tuple[subprocess.CompletedProcess[bytes], str]:
+    """`systemctl start job@JOB.service`, as an operator, and what its unit wrote to the journal. The
+    job's output reaches the journal through its stdout stream, which journald may read after the start
+    has returned, even after `journalctl --sync`: this waits until the runner's last line (`jobrunner:
+    JOB (run ...) ...`, the stream's end) is there, and each of `also` (systemd's own messages)."""
+    cursor = ct.run(["journalctl", "--show-cursor", "-n", "0", "--quiet"]).stdout.decode()
+    cursor = cursor.rpartition("-- cursor: ")[2].strip()
+    result = ct.run(["systemctl", "start", f"job@{job}.service"], check=check)
+    journal = ""
+    for _ in range(600):
+        ct.run(["journalctl", "--sync"])
+        journal = ct.run(
+            ["journalctl", "-o", "cat", "--no-pager", f"--after-cursor={cursor}", "-u", f"job@{job}.service"]
+        ).stdout.decode()
+        lines = journal.splitlines()
+        # (`in`, not startswith: output that does not end in a newline shares the runner's last line)
+        if any(f"jobrunner: {job} (run " in line for line in lines) and all(a in journal for a in also):
+            return result, journal
+        time.sleep(0.1)
+    raise AssertionError(f"the end of job@{job}.service's run is not in the journal:\n{journal}")
 
 
 def exposure(ct: Container, unit: str) -> float:

@@ -75,7 +75,9 @@ STOP_TIMEOUT_S = 20.0  # job@.service's TimeoutStopSec=: how long systemd lets s
 # A runner in `ps -eo args`: job@.service's ExecStart (python3 ... -c "import runner.__main__; ...") or
 # one started by hand (python3 -m runner).
 RUNNER_MARKS = ("runner.__main__", "-m runner")
-RUNNER_MEMORY_LIMIT_KB = 64 * 1024  # the runner's VmHWM, whatever the job prints (it is ~20 MiB)
+# The runner's VmHWM, whatever the job prints: under README's "runner peak memory < 30 MB" (30,000,000
+# bytes, in the kB of /proc/PID/status, which are KiB). It is about 14 MiB here (docs/performance.md).
+RUNNER_MEMORY_LIMIT_KB = 30_000_000 // 1024
 TRACEBACK = "Traceback (most recent call last)"
 
 # -------------------------------------------------------------------------------------------- the jobs

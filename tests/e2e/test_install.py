@@ -27,8 +27,10 @@ from .conftest import (
     Installation,
     add_users,
     copy_checkout,
+    gated_run,
     jobs_toml,
     make_project,
+    operator_start,
     run_install,
     store_credential,
     write_jobs,
@@ -199,9 +201,7 @@ def test_developer_runs_jobs_with_jobrunner_trigger(installed: Installation) -> 
 def test_operator_runs_a_job_with_systemctl_start(installed: Installation) -> None:
     ct = installed.container
     logs_before = set(installed.sh(f"ls {installed.logs}/e2e-hello 2>/dev/null || true").split())
-    cursor = journal_cursor(ct)
-    ct.run(["systemctl", "start", "job@e2e-hello"])
-    journal = journal_since(ct, cursor, "job@e2e-hello.service")
+    _, journal = operator_start(ct, "e2e-hello")
     assert f"key: {len(installed.secret)} bytes" in journal, journal
     assert "exited with 0" in journal
     new_logs = set(installed.sh(f"ls {installed.logs}/e2e-hello").split()) - logs_before
@@ -211,11 +211,9 @@ def test_operator_runs_a_job_with_systemctl_start(installed: Installation) -> No
 
 def test_a_failing_job_fails_systemctl_start_and_its_unit(installed: Installation) -> None:
     ct = installed.container
-    cursor = journal_cursor(ct)
-    result = ct.run(["systemctl", "start", "job@e2e-fail"], check=False)
+    result, journal = operator_start(ct, "e2e-fail", check=False, also=("Failed with result",))
     assert result.returncode != 0
     assert b"job@e2e-fail.service failed" in result.stderr, result.stderr
-    journal = journal_since(ct, cursor, "job@e2e-fail.service")
     assert "about to fail" in journal
     assert "status=3" in journal and "Failed with result 'exit-code'" in journal, journal
     # (CollectMode=inactive-or-failed unloads the failed unit at once, so that per-connection instances
@@ -243,13 +241,12 @@ def test_outsider_cannot_connect(installed: Installation) -> None:
 
 def test_a_runs_credentials_exist_only_while_it_runs(installed: Installation) -> None:
     wait_for_runs_to_end(installed)
-    started = json_run(installed, "--detach", "e2e-hold")
-    assert started[0]["event"] == "accepted", started
 
     def credential_dirs() -> str:
-        return installed.sh("ls -d /run/credentials/job-e2e-hold@*.service 2>/dev/null || true")
+        return installed.sh("ls -d /run/credentials/job-e2e-gate@*.service 2>/dev/null || true")
 
-    assert credential_dirs() != ""  # the run holds its key for two seconds ...
+    with gated_run(installed):
+        assert credential_dirs() != ""  # the run holds its key until the test lets it end ...
     wait_for_runs_to_end(installed)
     assert credential_dirs() == ""  # ... and then it is gone
 

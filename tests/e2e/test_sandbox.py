@@ -18,12 +18,13 @@ from typing import Any
 
 import pytest
 
-from .conftest import Installation
+from .conftest import Installation, gated_run
 
 pytestmark = pytest.mark.e2e
 
 PORT = 7791
 LINK_LOCAL = "169.254.169.254"  # where clouds serve instance metadata (and the machine's credentials)
+LINK_LOCAL_6 = "fe80::a9fe:a9fe"  # IPv6 link-local (fe80::/10): some clouds serve metadata there too
 SYSV_KEY = 0x4A0B5E  # bin/e2e-probe's IPC_SYSV_KEY
 
 
@@ -35,25 +36,35 @@ class Probe:
 
 @pytest.fixture(scope="module")
 def listener(installed: Installation) -> Iterator[list[str]]:
-    """A TCP listener on loopback and on a link-local address, both on this container's lo."""
+    """A TCP listener on loopback and on a link-local address, IPv4 and IPv6, all on this container's lo
+    (it has a network of its own, --private-network)."""
     ct = installed.container
     ct.run(["ip", "address", "add", f"{LINK_LOCAL}/32", "dev", "lo"])
-    ct.run(
-        ["systemd-run", "--quiet", "--unit=e2e-sandbox-listener", "-p", "SuccessExitStatus=143",
-         "socat", f"TCP-LISTEN:{PORT},fork,reuseaddr", "SYSTEM:true"],
-    )  # fmt: skip
-    ct.run(
-        [
-            "sh",
-            "-c",
-            f"for i in $(seq 50); do socat -T1 /dev/null TCP:127.0.0.1:{PORT} && exit; sleep 0.1; done",
-        ]
-    )
+    ct.run(["ip", "-6", "address", "add", f"{LINK_LOCAL_6}/128", "dev", "lo", "nodad"])
     try:
-        yield [f"127.0.0.1:{PORT}", f"{LINK_LOCAL}:{PORT}"]
+        for unit, listen in (
+            ("e2e-sandbox-listener", f"TCP4-LISTEN:{PORT}"),
+            ("e2e-sandbox-listener6", f"TCP6-LISTEN:{PORT},ipv6only=1"),
+        ):
+            ct.run(
+                ["systemd-run", "--quiet", f"--unit={unit}", "-p", "SuccessExitStatus=143",
+                 "socat", f"{listen},fork,reuseaddr", "SYSTEM:true"],
+            )  # fmt: skip
+        addresses = [f"127.0.0.1:{PORT}", f"{LINK_LOCAL}:{PORT}", f"::1:{PORT}", f"{LINK_LOCAL_6}%lo:{PORT}"]
+        for address in addresses:  # each one up, from outside any sandbox
+            host, _, port = address.rpartition(":")
+            ct.run(
+                ["python3", "-c", "import socket, sys, time\n"
+                 "for _ in range(100):\n"
+                 "    try: socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5).close(); break\n"
+                 "    except OSError: time.sleep(0.1)\n"
+                 "else: sys.exit(1)", host, port],
+            )  # fmt: skip
+        yield addresses
     finally:
-        ct.run(["systemctl", "stop", "e2e-sandbox-listener"], check=False)
+        ct.run(["systemctl", "stop", "e2e-sandbox-listener", "e2e-sandbox-listener6"], check=False)
         ct.run(["ip", "address", "del", f"{LINK_LOCAL}/32", "dev", "lo"], check=False)
+        ct.run(["ip", "-6", "address", "del", f"{LINK_LOCAL_6}/128", "dev", "lo"], check=False)
 
 
 @pytest.fixture(scope="module")
@@ -63,11 +74,11 @@ def probe(installed: Installation, listener: list[str]) -> Iterator[Probe]:
     ct.run(
         ["python3", "-c", f"import ctypes; assert ctypes.CDLL(None).shmget({SYSV_KEY}, 4096, 0o1666) >= 0"]
     )
+    scratch = installed.sh("mktemp -d", user=installed.developer).strip()
     try:
         result = installed.jobctl("run", "e2e-probe", *listener)
         assert result.returncode == 0, result.stderr
         inside = json.loads(result.stdout.decode().splitlines()[0])
-        scratch = installed.sh("mktemp -d", user=installed.developer).strip()
         outside = json.loads(
             ct.run(
                 [f"{installed.project}/bin/e2e-probe", *listener],
@@ -78,6 +89,7 @@ def probe(installed: Installation, listener: list[str]) -> Iterator[Probe]:
         yield Probe(inside, outside)
     finally:
         ct.run(["sh", "-c", f"ipcrm --shmem-key {SYSV_KEY}"], check=False)
+        ct.run(["rm", "-rf", scratch], check=False)
 
 
 def test_no_new_privileges_and_a_seccomp_filter(probe: Probe) -> None:
@@ -154,11 +166,13 @@ def test_private_devices(probe: Probe) -> None:
 
 
 def test_ip_allow_list_blocks_link_local_only(probe: Probe, listener: list[str]) -> None:
-    loopback, link_local = listener
-    assert probe.outside["connect"] == {loopback: "ok", link_local: "ok"}
+    loopback, link_local, loopback_6, link_local_6 = listener
+    assert probe.outside["connect"] == {address: "ok" for address in listener}
     assert probe.inside["connect"][loopback] == "ok"
+    assert probe.inside["connect"][loopback_6] == "ok"
     # The BPF firewall drops the packets: connect() times out (or fails with EPERM on some kernels).
     assert probe.inside["connect"][link_local] in ("ETIMEDOUT", "EPERM")
+    assert probe.inside["connect"][link_local_6] in ("ETIMEDOUT", "EPERM")
 
 
 def test_no_core_dumps(probe: Probe) -> None:
@@ -177,10 +191,10 @@ def test_identity_is_a_dynamic_user_of_the_jobs_own_in_the_developer_group(
     again = installed.jobctl("run", "e2e-probe")
     assert json.loads(again.stdout.decode().splitlines()[0])["uid"] == uid
     # ...and another job's run another one: it cannot trace, signal or read the first job's processes.
-    installed.jobctl("--json", "run", "--detach", "e2e-hold")
-    users = installed.sh("for i in $(seq 100); do ps -o user:32= -C sleep && break; sleep 0.1; done")
-    assert users.split() == ["job-e2e-hold"]
-    assert int(installed.sh("id -u job-e2e-hold")) != uid
+    with gated_run(installed):
+        users = installed.sh("for i in $(seq 100); do ps -o user:32= -C sleep && break; sleep 0.1; done")
+        assert set(users.split()) == {"job-e2e-gate"}
+        assert int(installed.sh("id -u job-e2e-gate")) != uid
 
 
 def test_lock_directory_is_the_jobs_and_no_one_elses(installed: Installation, probe: Probe) -> None:
@@ -201,14 +215,17 @@ def test_lock_directory_is_the_jobs_and_no_one_elses(installed: Installation, pr
 def test_the_runner_reaches_the_journal_and_systemd_from_the_sandbox(installed: Installation) -> None:
     # Structured entries (JOB_NAME=, RUN_ID=) need the journal's socket; a STATUS= line for
     # `systemctl status` needs NotifyAccess=main and the notify socket. Both are AF_UNIX, in a read-only /run.
-    started = installed.jobctl("--json", "run", "--detach", "e2e-hold")
-    run_id = json.loads(started.stdout.decode().splitlines()[0])["run_id"]
-    status = installed.sh("systemctl show --property=StatusText 'job-e2e-hold@*.service'")
-    assert f"running e2e-hold (run {run_id}) for {installed.developer}" in status, status
+    with gated_run(installed) as accepted:
+        run_id = accepted["run_id"]
+        status = installed.sh(
+            "until systemctl show --property=StatusText 'job-e2e-gate@*.service' | grep -q running; "
+            "do sleep 0.1; done; systemctl show --property=StatusText 'job-e2e-gate@*.service'"
+        )
+    assert f"running e2e-gate (run {run_id}) for {installed.developer}" in status, status
     installed.container.run(["journalctl", "--sync"])
     entries = installed.sh(f"journalctl --output=json --no-pager RUN_ID={run_id}")
     fields = [json.loads(line) for line in entries.splitlines()]
-    assert fields and all(f["JOB_NAME"] == "e2e-hold" for f in fields), entries
+    assert fields and all(f["JOB_NAME"] == "e2e-gate" for f in fields), entries
     assert fields[0]["SYSLOG_IDENTIFIER"] == "jobrunner" and fields[0]["_SYSTEMD_UNIT"].startswith(
-        "job-e2e-hold@"
+        "job-e2e-gate@"
     )

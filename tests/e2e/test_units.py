@@ -8,12 +8,19 @@ from __future__ import annotations
 import json
 import re
 import secrets
-import time
 from collections.abc import Iterator
 
 import pytest
 
-from .conftest import Installation, copy_checkout, exposure, jobs_toml, run_install, write_jobs
+from .conftest import (
+    Installation,
+    copy_checkout,
+    exposure,
+    jobs_toml,
+    operator_start,
+    run_install,
+    write_jobs,
+)
 from .container import Container
 
 pytestmark = pytest.mark.e2e
@@ -73,7 +80,12 @@ def units(installed: Installation) -> Iterator[Installation]:
     write_jobs(ct, jobs_toml() + UNIT_JOBS)
     ct.run(["systemd-run", "--unit=e2e-listener", "--collect", "socat",
             f"TCP-LISTEN:{PORT},bind=0.0.0.0,fork,reuseaddr", "EXEC:/bin/true"])  # fmt: skip
-    time.sleep(1.5)  # past the expiring credential's not-after (and the listener is up by then)
+    # Past the expiring credential's not-after (systemd-creds refuses it from then on), and the listener up.
+    ct.run(
+        ["sh", "-c", f"until ! systemd-creds decrypt --name={EXPIRING} /etc/credstore.encrypted/{EXPIRING} - "
+         f">/dev/null 2>&1; do sleep 0.1; done; until socat -T1 /dev/null TCP:127.0.0.1:{PORT}; do sleep 0.1; done"],
+        timeout=60,
+    )  # fmt: skip
     try:
         yield installed
     finally:
@@ -114,9 +126,7 @@ def test_a_job_finds_exactly_its_own_credential(units: Installation) -> None:
     # The operator's start gets the job's own unit too: the same credentials, no other.
     ct = units.container
     for job, expected in (("e2e-onecred", "api-key"), ("e2e-other", OTHER), ("e2e-nocreds", "dir=unset")):
-        ct.run(["systemctl", "start", f"job@{job}.service"])
-        journal = ct.run(["journalctl", "-u", f"job@{job}.service", "-o", "cat", "--no-pager", "-n", "40"])
-        lines = journal.stdout.decode().splitlines()
+        lines = operator_start(ct, job)[1].splitlines()
         assert expected in lines, lines
         names = {"api-key", OTHER} - {expected}
         assert not names & set(lines), lines
@@ -239,23 +249,40 @@ def test_many_runs_over_five_jobs_leave_nothing_behind(units: Installation) -> N
     assert ct.run(["sh", "-c", "pgrep -u jobrunner-job || true"]).stdout == b""
 
 
-def test_upgrade_from_one_unit_for_every_job(container: Container, installed: Installation) -> None:
+def test_upgrade_from_one_unit_for_every_job(units: Installation) -> None:
     # What the layout before one unit per job left: a credential drop-in of job@.service that loaded the
     # key into every run. Installing again converges: the drop-in is gone, the credential stays, and a
     # job that does not name it does not get it.
-    ct = container
+    ct = units.container
     legacy = "/etc/systemd/system/job@.service.d/50-credential-api-key.conf"
+
+    def credentials_of_an_operators_run() -> str:
+        """The $CREDENTIALS_DIRECTORY of e2e-nocreds (which names no credential) when an operator starts
+        it: its unit, job@e2e-nocreds.service, is one the drop-in reaches (a socket run's
+        job-e2e-nocreds@... never was). systemd sets it only when it loads a credential into the unit,
+        and fails the start (243/CREDENTIALS) when one does not decrypt."""
+        journal = operator_start(ct, "e2e-nocreds")[1]
+        (line,) = [line for line in journal.splitlines() if line.startswith("dir=")]  # the job ran
+        return line.removeprefix("dir=")
+
     ct.write_file(legacy, "[Service]\nLoadCredentialEncrypted=api-key:/etc/credstore.encrypted/api-key\n")
     ct.run(["systemctl", "daemon-reload"])
-    copy_checkout(ct)
-    out = run_install(ct, "--project", installed.project).stdout.decode()
-    assert f"removed {legacy}" in out
-    assert ct.run(["test", "-e", legacy], check=False).returncode != 0
+    try:
+        # The old layout in effect: the key is decrypted for a job that does not name it.
+        assert credentials_of_an_operators_run() == "/run/credentials/job@e2e-nocreds.service"
+        copy_checkout(ct)
+        out = run_install(ct, "--project", units.project).stdout.decode()
+        assert f"removed {legacy}" in out
+        assert ct.run(["test", "-e", legacy], check=False).returncode != 0
+        assert credentials_of_an_operators_run() == "unset"
+    finally:
+        ct.run(["rm", "-f", legacy])  # whatever install.sh left, for the tests after this one
+        ct.run(["systemctl", "daemon-reload"])
     assert ct.run(["test", "-e", "/etc/credstore.encrypted/api-key"], check=False).returncode == 0
-    probed = json.loads(installed.jobctl("run", "e2e-probe").stdout)
+    probed = json.loads(units.jobctl("run", "e2e-probe").stdout)
     assert "CREDENTIALS_DIRECTORY" not in probed["environment"]
-    ok = installed.jobctl("run", "e2e-hello", "--", "upgraded")
-    assert ok.returncode == 0 and b"hello upgraded" in ok.stdout
+    ok = units.jobctl("run", "e2e-hello", "--", "upgraded")
+    assert ok.returncode == 0 and b"hello upgraded" in ok.stdout  # and the key it names still decrypts
 
 
 def test_a_new_group_reaches_the_jobs_sockets(units: Installation) -> None:

@@ -136,6 +136,30 @@ class Runner:
             check=False,
         )
 
+    def runners_alive(self) -> list[int]:
+        """The runners (the activators' children, as record_exit.py) that have not exited yet."""
+        activators = self.activator_pids()
+        alive = []
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:  # gone meanwhile
+                continue
+            state, ppid = stat.rsplit(")", 1)[1].split()[:2]
+            if int(ppid) in activators and state != "Z":  # a zombie has exited (and written its status)
+                alive.append(int(entry.name))
+        return alive
+
+    def wait_until_served(self) -> None:
+        """Until every connection made so far has been served and its runner has exited: one more
+        connection, to the front door, is accepted after every earlier one there (an activator accepts
+        in order and forks before it accepts the next), then no runner may be left."""
+        reply = self.request(b"list\n")
+        assert b"hello" in reply, reply  # served: the list of jobs
+        wait_for(lambda: not self.runners_alive(), 60, "every runner to exit")
+
     def exit_statuses(self, count: int = 1, *, front_door: bool = False) -> list[int]:
         """The exit statuses of the jobs' runner processes (or the front door's) so far, once at least
         `count` have exited."""

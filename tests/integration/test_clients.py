@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -61,9 +60,11 @@ def test_jobctl_connects_early_to_its_default_socket(runner: Runner) -> None:
     assert jobctl("--help").returncode == 0
     assert jobctl("run").returncode == 64
     assert jobctl("--socket", str(runner.root / "absent.sock"), "list").returncode == 69
-    time.sleep(0.5)  # a runner for a second connection per command would have exited by now
-    assert runner.exit_statuses(3, front_door=True) == [0, 0, 0]
-    assert runner.exit_statuses() == [0]
+    # Every runner these commands started has exited, however late (then one more, wait_until_served's):
+    # a second connection per command would show as a status more.
+    runner.wait_until_served()
+    assert runner.front_door_statuses.read_text().split() == ["0", "0", "0", "0"]
+    assert runner.statuses.read_text().split() == ["0"]
     assert b"request failed" not in runner.activator_log.read_bytes()
 
 
@@ -92,11 +93,15 @@ def test_jobctl_ctrl_c_cancels_the_job(runner: Runner) -> None:
 
 
 def test_jobctl_detach(runner: Runner) -> None:
-    started = time.monotonic()
-    result = runner.jobctl("run", "--detach", "detached")
-    assert result.returncode == 0 and time.monotonic() - started < 1  # did not wait for the job
+    # The job waits for a file that only this test creates, after jobctl has returned: jobctl cannot
+    # have waited for the job (it would time out here instead, after 60 s).
+    result = runner.jobctl("run", "--detach", "gated")
+    assert result.returncode == 0, result.stderr
     fields = dict(line.split(": ", 1) for line in result.stdout.decode().splitlines())
-    wait_for((Path(fields["output_dir"]) / "done").exists, 10, "the detached job")
+    output_dir = Path(fields["output_dir"])
+    assert not (output_dir / "done").exists()
+    (output_dir / "release").touch()
+    wait_for((output_dir / "done").exists, 60, "the detached job")
 
 
 def trigger_job_sh(runner: Runner, *args: str) -> subprocess.CompletedProcess[bytes]:

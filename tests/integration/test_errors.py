@@ -92,8 +92,8 @@ def test_a_silent_client_is_dropped_at_the_deadline(runner: Runner) -> None:
     replies: list[bytes] = []
 
     # Half on the front door, half on a job's own socket. There the runner's first read (runner/handoff.py)
-    # and the rest of the line share the one deadline: a client that waits 6 s before its first bytes
-    # still gets its error 10 s after it connected, not 16 s (a deadline restarted by the second read).
+    # and the rest of the line share the one deadline: a client that waits 8 s before its first bytes
+    # still gets its error 10 s after it connected, not 18 s (a deadline restarted by the second read).
     waited: list[float] = []
 
     def slow_client(path: Path, pause_s: float) -> None:
@@ -102,19 +102,22 @@ def test_a_silent_client_is_dropped_at_the_deadline(runner: Runner) -> None:
             connected = time.monotonic()
             conn.settimeout(30)
             time.sleep(pause_s)
-            conn.sendall(b"ru")
+            try:
+                conn.sendall(b"ru")
+            except OSError:
+                pass  # a busy machine slept past the deadline: the error is there to read all the same
             replies.append(read_all(conn))
             waited.append(time.monotonic() - connected)
 
-    clients = [(runner.socket, 0.0), (runner.job_sockets / "hello.sock", 6.0)] * 5
+    clients = [(runner.socket, 0.0), (runner.job_sockets / "hello.sock", 8.0)] * 5
     threads = [threading.Thread(target=slow_client, args=client) for client in clients]
     for t in threads:
         t.start()
     for t in threads:
         t.join(40)
     assert len(replies) == 10
-    # The deadline, with a margin for a busy machine that still tells 10 s from 16 s.
-    assert all(9 < seconds < 14 for seconds in waited), waited
+    # The deadline, with a margin for a busy machine (6 s) that still tells 10 s from 18 s.
+    assert all(9 < seconds < 16 for seconds in waited), waited
     assert all(
         r.startswith(b"jobrunner: error: bad-request: no complete request line within 10 s") for r in replies
     )

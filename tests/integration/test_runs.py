@@ -81,7 +81,7 @@ def test_a_job_killed_by_a_signal(runner: Runner) -> None:
 def test_timeout_stops_the_job_and_says_so(runner: Runner) -> None:
     started = time.monotonic()
     evs = run_json(runner, "sleepy")
-    assert time.monotonic() - started < 8
+    assert time.monotonic() - started < 40  # stopped at its 1 s timeout, not run to its end (60 s)
     assert evs[-1]["exit_code"] == 124 and evs[-1]["timed_out"] is True
     assert "timed out" in Path(str(evs[-1]["log"])).read_text()
 
