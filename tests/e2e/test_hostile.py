@@ -1635,7 +1635,6 @@ def unit_limits_enforced(inst: Installation) -> str | None:
 def resource_limits(inst: Installation) -> Outcome:
     """A fork bomb stays within TasksMax=, a memory hog within MemoryMax=; both are stopped and the client
     is told; nothing is left, and the next run is served."""
-    out = Outcome("resource-limits")
     bomb = inst.jobctl("--json", "run", "hostile-bomb", timeout=120)
     bomb_events = [json.loads(line) for line in bomb.stdout.splitlines()]
     bomb_text = inst.jobctl("run", "hostile-bomb", timeout=120)
@@ -1645,6 +1644,24 @@ def resource_limits(inst: Installation) -> Outcome:
     left = wait_for_runs_to_end(inst)
     processes = inst.sh("ps -eo args")
     after = inst.jobctl("run", "e2e-hello", "after")
+    return judge_resource_limits(
+        bomb_events=bomb_events, bomb_text=bomb_text, hog_events=hog_events, hog_text=hog_text, left=left,
+        processes=processes, after=after,
+    )  # fmt: skip
+
+
+def judge_resource_limits(
+    *,
+    bomb_events: list[dict[str, Any]],
+    bomb_text: subprocess.CompletedProcess[bytes],
+    hog_events: list[dict[str, Any]],
+    hog_text: subprocess.CompletedProcess[bytes],
+    left: list[str],
+    processes: str,
+    after: subprocess.CompletedProcess[bytes],
+) -> Outcome:
+    """resource_limits' verdict on what it saw; also tests/vm's, on what the VM's guest.py saw."""
+    out = Outcome("resource-limits")
     bomb_end = bomb_events[-1] if bomb_events else {}
     hog_end = hog_events[-1] if hog_events else {}
     bomb_said = "".join(e.get("text", "") for e in bomb_events if e["event"] == "output")
