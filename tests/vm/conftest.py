@@ -159,14 +159,25 @@ def rootfs(distro: str) -> Path:
     return _BUILDS[distro].result()
 
 
+# Per distro, what the stage's time went on: printed at the end of the session (pytest_terminal_summary).
+TIMES: dict[str, dict[str, float]] = {}
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    for distro, seconds in TIMES.items():
+        parts = ", ".join(f"{name} {value:.0f} s" for name, value in seconds.items())
+        terminalreporter.write_line(f"tests/vm {distro}: {parts}")
+
+
 def boot_twice(distro: str, work: Path) -> VmRun:
-    seconds: dict[str, float] = {}
+    seconds = TIMES.setdefault(distro, {})
     started = time.monotonic()
-    root = rootfs(distro)
+    root = rootfs(distro)  # waits for debootstrap when the tree is not cached yet
+    seconds["tree"] = time.monotonic() - started
     disk = work / "disk.raw"
     machine.make_disk(root, payload(work), disk)
     shutil.rmtree(work / "payload")
-    seconds["image"] = time.monotonic() - started
+    seconds["image"] = time.monotonic() - started - seconds["tree"]
     secret = "vm-" + secrets.token_hex(16)
     with machine.Tpm(work / "tpm") as tpm:
         seconds["first"] = machine.boot(
@@ -183,10 +194,8 @@ def boot_twice(distro: str, work: Path) -> VmRun:
             strings={"phase": "fresh-tpm", "secret": secret},
         )
     fresh = results(disk, "fresh-tpm")
-    run = VmRun(distro, secret, first, fresh, on_disk(disk, secret), seconds)
-    machine._log(
-        f"{distro}: image {seconds['image']:.0f}s, boots {seconds['first']:.0f}s + {seconds['fresh']:.0f}s"
-    )
+    run = VmRun(distro, secret, first, fresh, on_disk(disk, secret), dict(seconds))
+    seconds["total"] = time.monotonic() - started
     return run
 
 
