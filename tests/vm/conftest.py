@@ -18,9 +18,9 @@ import shutil
 import signal
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -145,17 +145,40 @@ def on_disk(disk: Path, needle: str) -> bool:
     return res.returncode == 0
 
 
-_BUILDS: dict[str, Future[Path]] = {}
+class _Build(threading.Thread):
+    """One distro's debootstrap in the background. A daemon thread: a stopped session does not wait for
+    it; machine.py's atexit handler kills debootstrap instead."""
+
+    def __init__(self, distro: str) -> None:
+        super().__init__(name=f"vm-build-{distro}", daemon=True)
+        self.distro = distro
+        self.root: Path | None = None
+        self.error: BaseException | None = None
+        self.start()
+
+    def run(self) -> None:
+        try:
+            self.root = machine.build_rootfs(self.distro)
+        except BaseException as e:
+            self.error = e
+
+    def result(self) -> Path:
+        self.join()
+        if self.error is not None:
+            raise self.error
+        assert self.root is not None
+        return self.root
+
+
+_BUILDS: dict[str, _Build] = {}
 
 
 def rootfs(distro: str) -> Path:
     """The distro's tree. The first call starts building every selected distro's at once (debootstrap
     mostly waits on the network and dpkg), so that the next boots without waiting for its own."""
     if not _BUILDS:
-        pool = ThreadPoolExecutor(max_workers=len(machine.DISTROS), thread_name_prefix="vm-build")
         for name in selected_distros():
-            _BUILDS[name] = pool.submit(machine.build_rootfs, name)
-        pool.shutdown(wait=False)
+            _BUILDS[name] = _Build(name)
     return _BUILDS[distro].result()
 
 
@@ -214,8 +237,10 @@ def vm(request: pytest.FixtureRequest) -> Iterator[VmRun]:
     work = Path(tempfile.mkdtemp(prefix=f"{request.param}-", dir=base))
     try:
         yield boot_twice(request.param, work)
+    except BaseException:
+        machine._kill_all()  # SIGTERM or Ctrl-C while booting: qemu, swtpm, and any debootstrap
+        raise
     finally:
-        machine._kill_all()
         signal.signal(signal.SIGTERM, previous)
         if not os.environ.get("JOBRUNNER_VM_KEEP"):
             shutil.rmtree(work, ignore_errors=True)

@@ -41,7 +41,7 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
-from tests.e2e.container import DISTROS, EXPECTED_SYSTEMD, host_mirror
+from tests.e2e.container import DISTROS, EXPECTED_SYSTEMD, _remove_tree, host_mirror
 
 __all__ = ["DISTROS", "EXPECTED_SYSTEMD", "Tpm", "boot", "build_rootfs", "make_disk", "read_file"]
 
@@ -163,9 +163,7 @@ def build_rootfs(distro: str) -> Path:
     with _flock(base / f"{distro}.lock", fcntl.LOCK_EX):
         if _is_ready(root, distro):
             return root
-        if root.exists():
-            _log(f"removing stale or incomplete {root}")
-            shutil.rmtree(root)
+        _remove_tree(root)  # stale or incomplete: unmounts what a killed debootstrap left mounted first
         started = time.monotonic()
         _debootstrap(distro, root, base / f"debs-{distro}")
         _prepare(root)
@@ -195,16 +193,13 @@ def _debootstrap(distro: str, root: Path, debs: Path) -> None:
     ]
     log = root.parent / f"{distro}.debootstrap.log"
     _log(f"running {shlex.join(argv)} (log: {log})")
-    with log.open("wb") as out:
-        res = subprocess.run(
-            argv,
-            check=False,
-            env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"},
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    if res.returncode != 0:
+    log.unlink(missing_ok=True)
+    # In a session of its own and killed with qemu and swtpm (_kill_all): it runs in a thread while
+    # another distro's machine boots (tests/vm/conftest.py), and a stopped session must not wait for it.
+    proc = _spawn(argv, log, env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+    proc.wait()
+    _LIVE.discard(proc)
+    if proc.returncode != 0:
         raise MachineError(
             f"debootstrap {distro} failed (log: {log}):\n{log.read_text(errors='replace')[-3000:]}"
         )
@@ -281,6 +276,11 @@ _LIVE: set[subprocess.Popen[bytes]] = set()
 def _kill_all() -> None:
     for proc in list(_LIVE):
         _kill(proc)
+    # What a killed debootstrap leaves mounted in its tree (/proc): the next build removes the tree.
+    prefix = str(cache_root().resolve()) + "/"
+    mounts = [line.split()[4] for line in Path("/proc/self/mountinfo").read_text().splitlines()]
+    for mountpoint in sorted((m for m in mounts if m.startswith(prefix)), key=len, reverse=True):
+        subprocess.run(["umount", "-l", mountpoint], check=False)
 
 
 def _kill(proc: subprocess.Popen[bytes]) -> None:
@@ -291,7 +291,7 @@ def _kill(proc: subprocess.Popen[bytes]) -> None:
     _LIVE.discard(proc)
 
 
-def _spawn(argv: Sequence[str], log: Path) -> subprocess.Popen[bytes]:
+def _spawn(argv: Sequence[str], log: Path, env: Mapping[str, str] | None = None) -> subprocess.Popen[bytes]:
     with log.open("ab") as out:
         proc = subprocess.Popen(
             list(argv),
@@ -299,7 +299,7 @@ def _spawn(argv: Sequence[str], log: Path) -> subprocess.Popen[bytes]:
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,
-            env={"PATH": ROOT_PATH},
+            env=dict(env) if env is not None else {"PATH": ROOT_PATH},
         )
     _LIVE.add(proc)
     return proc
