@@ -8,9 +8,9 @@ PYTHON ?= python3
 test: deps lint
 	$(PYTHON) -m pytest
 
-## Without the containers: fast feedback while hacking.
+## Without the containers and VMs: fast feedback while hacking.
 check: lint
-	$(PYTHON) -m pytest -m "not e2e"
+	$(PYTHON) -m pytest -m "not e2e and not vm"
 
 lint:
 	$(PYTHON) -m ruff check runner trigger tests demo

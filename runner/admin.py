@@ -165,7 +165,8 @@ def _add_creds(commands: argparse._SubParsersAction[_Parser]) -> None:
         "list",
         help="list the stored credentials: names, sizes, dates, never values",
         description="List the stored credentials: name, size of the encrypted file, when it was last set,\n"
-        "and the jobs that use it (jobs.toml). Never shows or decrypts a value.",
+        "the key that sealed it (host+tpm2: this machine's TPM2 and host key; host: the host key\n"
+        "only, no TPM2 was found), and the jobs that use it (jobs.toml). Never shows or decrypts a value.",
         epilog=CREDS_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -342,17 +343,20 @@ def creds_list(args: argparse.Namespace) -> int:
         return 0
     known = _jobs_using()
     users = known or {}
-    rows = [("NAME", "SIZE", "MODIFIED", "JOBS")]
+    # KEY: what sealed it (the file's header), in systemd-creds' words: host+tpm2 (bound to this machine's
+    # TPM2 and its host key), host (no TPM2 found), ...
+    rows = [("NAME", "SIZE", "MODIFIED", "KEY", "JOBS")]
     for c in stored:
         size = "-" if c.size is None else str(c.size)
         modified = "-" if c.modified is None else _date(c.modified)
-        rows.append(
-            (c.name, size, modified, ", ".join(users.get(c.name, [])) or ("-" if known is not None else "?"))
-        )
+        key = "-" if c.size is None else creds.key_name(c.key)
+        jobs = ", ".join(users.get(c.name, [])) or ("-" if known is not None else "?")
+        rows.append((c.name, size, modified, key, jobs))
     width = max(len(r[0]) for r in rows)
     size_width = max(len(r[1]) for r in rows)
-    for name, size, modified, jobs in rows:
-        print(f"{name:<{width}}  {size:>{size_width}}  {modified:<25}  {jobs}")
+    key_width = max(len(r[3]) for r in rows)
+    for name, size, modified, key, jobs in rows:
+        print(f"{name:<{width}}  {size:>{size_width}}  {modified:<25}  {key:<{key_width}}  {jobs}")
     for c in stored:
         if c.size is None:
             _warn(f"'{c.name}' has a legacy drop-in but no encrypted file: `jobrunner creds rm {c.name}`")

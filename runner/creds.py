@@ -74,6 +74,15 @@ KEY_TYPES = {
     "faf7eb9341e3412ca1a436f95a29362f": "the TPM2 only (signed PCR policy)",
 }
 NULL_KEY = "058469daf6f54324800549da0f8ea2fb"
+# The same keys as `creds list` names them, in systemd-creds' own words (its --with-key= values).
+KEY_NAMES = {
+    "5a1c6a86df9d4096b1d5a65e0862f19a": "host",
+    "93a894094874449090caf2fc93cab553": "host+tpm2",
+    "0c7cc07b117645919c4b0bea08bc20fe": "tpm2",
+    "af4950a849134eb1a73846304ff30c05": "host+tpm2-with-public-key",
+    "faf7eb9341e3412ca1a436f95a29362f": "tpm2-with-public-key",
+    NULL_KEY: "null",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +94,7 @@ class StoredCredential:
     modified: float | None  # the encrypted file's mtime
     mode: int | None  # the encrypted file's permission bits
     has_dropin: bool  # a legacy drop-in loads it into every unit of job@.service
+    key: str = ""  # the id of the key that sealed it, from the file's header ("" if unreadable)
 
 
 @dataclass(frozen=True, slots=True)
@@ -333,9 +343,16 @@ class CredentialStore:
                 modified=files[name].st_mtime if name in files else None,
                 mode=stat.S_IMODE(files[name].st_mode) if name in files else None,
                 has_dropin=name in dropins,
+                key=self._key_of(name) if name in files else "",
             )
             for name in sorted(files.keys() | dropins)
         ]
+
+    def _key_of(self, name: str) -> str:
+        try:
+            return _key_used(self.directory / name)
+        except OSError:
+            return ""
 
     # ----------------------------------------------------------------------------------------- rm
 
@@ -364,6 +381,11 @@ def describe_key(key_id: str) -> str:
     if key_id in KEY_TYPES:
         return f"systemd-creds with {KEY_TYPES[key_id]}"
     return "systemd-creds (TPM2 if available, else the host key)"
+
+
+def key_name(key_id: str) -> str:
+    """The key that sealed a credential, as `creds list` shows it: host, host+tpm2, tpm2, ... or "?"."""
+    return KEY_NAMES.get(key_id, "?")
 
 
 def _key_used(path: Path) -> str:

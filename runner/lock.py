@@ -20,6 +20,27 @@ LOCK_MODE = 0o660
 Waiter = Callable[[float], bool]
 
 
+def open_lock(path: str) -> int:
+    """Open (creating it if need be) a lock file that another job's user may have created.
+
+    An existing file is opened without O_CREAT: in a sticky directory that others can write, such as
+    /run/jobrunner-locks (3770), the kernel refuses O_CREAT on a file another user owns when
+    fs.protected_regular is 2 (Debian's default, /usr/lib/sysctl.d/protect-links.conf), even with the
+    file's group and mode allowing it. Containers share the host's setting, so only a whole machine
+    shows it (tests/vm).
+    """
+    flags = os.O_RDWR | os.O_CLOEXEC
+    while True:
+        try:
+            return os.open(path, flags)
+        except FileNotFoundError:
+            pass
+        try:
+            return os.open(path, flags | os.O_CREAT | os.O_EXCL, LOCK_MODE)
+        except FileExistsError:
+            continue  # another runner created it in between: open that one
+
+
 def lock_directory(logs: str) -> str:
     """Where lock files live: the jobs' units set $JOBRUNNER_LOCKS (/run/jobrunner-locks, shared by every
     job's user, out of developers' reach); else a RuntimeDirectory= (tests); else beside the logs."""
@@ -39,7 +60,7 @@ def acquire(directory: str, job: str, policy: Concurrency, wait: Waiter) -> int 
         return None
     try:
         os.makedirs(directory, exist_ok=True)
-        fd = os.open(os.path.join(directory, f"{job}.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, LOCK_MODE)
+        fd = open_lock(os.path.join(directory, f"{job}.lock"))
     except OSError as e:
         raise InternalError(f"cannot open the lock for job '{job}': {e.strerror}: {e.filename}", "") from None
     while True:
@@ -68,11 +89,7 @@ def acquire_user_slot(directory: str, uid: int, limit: int) -> int:
     except OSError as e:
         raise InternalError(f"cannot create the lock directory: {e.strerror}: {e.filename}", "") from None
     for slot in range(limit):
-        fd = os.open(
-            os.path.join(directory, f"user-{uid}.{slot}.lock"),
-            os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
-            LOCK_MODE,
-        )
+        fd = open_lock(os.path.join(directory, f"user-{uid}.{slot}.lock"))
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             return fd

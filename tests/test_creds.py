@@ -436,6 +436,18 @@ def test_the_key_that_sealed_it_is_read_from_the_header(fakes: Fakes) -> None:
     assert "encrypted by systemd-creds (TPM2 if available, else the host key)" in res.stdout.decode()
 
 
+def test_list_says_which_key_sealed_each_credential(fakes: Fakes) -> None:
+    for name, header in (("bound", "93a894094874449090caf2fc93cab553"), ("host-only", HOST_KEY),
+                         ("tpm-only", "0c7cc07b117645919c4b0bea08bc20fe"), ("unknown", "00" * 16)):  # fmt: skip
+        fakes.set_option("creds-header", header)
+        set_ok(fakes, name, new_secret())
+    fakes.write_legacy_dropin("only-dropin")
+    rows = listed(jobrunner(fakes, "creds", "list"))
+    assert {name: row[3] for name, row in rows.items()} == {
+        "bound": "host+tpm2", "host-only": "host", "tpm-only": "tpm2", "unknown": "?", "only-dropin": "-",
+    }  # fmt: skip
+
+
 def test_the_null_key_is_refused(fakes: Fakes) -> None:
     fakes.set_option("creds-header", NULL_KEY)
     res = jobrunner(fakes, "creds", "set", "api-key", stdin=new_secret())
@@ -472,11 +484,11 @@ def test_no_reload_is_still_accepted_and_changes_nothing(fakes: Fakes) -> None:
 
 
 def listed(res: subprocess.CompletedProcess[bytes]) -> dict[str, list[str]]:
-    """`creds list`'s rows by name: [SIZE, MODIFIED, JOBS] (JOBS as printed, "a, b" or "-")."""
+    """`creds list`'s rows by name: [SIZE, MODIFIED, JOBS, KEY] (JOBS as printed, "a, b" or "-")."""
     lines = res.stdout.decode().splitlines()
-    assert lines[0].split() == ["NAME", "SIZE", "MODIFIED", "JOBS"]
-    rows = [line.split(maxsplit=3) for line in lines[1:]]
-    return {row[0]: row[1:] for row in rows}
+    assert lines[0].split() == ["NAME", "SIZE", "MODIFIED", "KEY", "JOBS"]
+    rows = [line.split(maxsplit=4) for line in lines[1:]]
+    return {name: [size, modified, jobs, key] for name, size, modified, key, jobs in rows}
 
 
 def test_list_shows_names_sizes_dates_and_jobs_never_values(fakes: Fakes) -> None:
@@ -537,7 +549,7 @@ def test_list_flags_legacy_drop_ins_and_loose_modes(fakes: Fakes) -> None:
     assert res.returncode == 0
     rows = listed(res)
     assert sorted(rows) == ["legacy", "loose", "only-dropin"]
-    assert rows["only-dropin"] == ["-", "-", "-"]
+    assert rows["only-dropin"] == ["-", "-", "-", "-"]
     assert rows["legacy"][2] == "build"
     err = res.stderr.decode()
     assert (

@@ -269,3 +269,29 @@ def test_user_slots_run_out_at_the_limit_and_come_back_when_released(tmp_path: P
     again = lock.acquire_user_slot(str(tmp_path), 1000, 2)
     for fd in (*held, other_user, again):
         lock.release(fd)
+
+
+def test_an_existing_lock_file_is_opened_without_o_creat(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where fs.protected_regular=2 (Debian's default), O_CREAT on an existing file that another user owns,
+    in a sticky directory others can write (/run/jobrunner-locks), fails with EACCES whatever the file's
+    mode: so every job's user but the first would fail. Modelled here; tests/vm shows it on a real Debian."""
+    real_open = os.open
+
+    def protected_regular(path: str, flags: int, mode: int = 0o777) -> int:
+        if flags & os.O_CREAT and os.path.exists(path):
+            raise PermissionError(13, "Permission denied", path)
+        return real_open(path, flags, mode)
+
+    (tmp_path / "user-1000.0.lock").touch()  # made by another job's user
+    (tmp_path / "build.lock").touch()
+    monkeypatch.setattr(lock.os, "open", protected_regular)
+    slot = lock.acquire_user_slot(str(tmp_path), 1000, 2)
+    held = lock.acquire(str(tmp_path), "build", Concurrency.REJECT, lambda _: False)
+    assert held is not None
+    fresh = lock.acquire(str(tmp_path), "deploy", Concurrency.REJECT, lambda _: False)  # not there yet
+    assert fresh is not None
+    assert (tmp_path / "deploy.lock").exists()
+    for fd in (slot, held, fresh):
+        lock.release(fd)

@@ -123,7 +123,8 @@ def test_replace_then_list_then_rm(container: Container, name: str) -> None:
     [row] = [line.split() for line in out.splitlines() if line.split()[:1] == [name]]
     size = container.run(["stat", "-c", "%s", path]).stdout.decode().strip()
     assert row[1] == size
-    assert row[3] == "-"  # no job uses it
+    assert row[3] == "host"  # the key that sealed it: a container has no TPM2
+    assert row[4] == "-"  # no job uses it
     for secret in (first, second):
         assert secret.decode() not in out + err
 
