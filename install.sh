@@ -279,7 +279,7 @@ EOF
 # The documentation as the repository lays it out, so that README's links to docs/... work here too.
 install_docs() {
     local doc
-    for doc in README.md INSTALL.md docs/protocol.md docs/performance.md docs/ci.md; do
+    for doc in README.md INSTALL.md docs/protocol.md docs/performance.md docs/ci.md docs/testing.md; do
         if [ -f "$SRC/$doc" ]; then
             put "$SRC/$doc" "$DOCDIR/$doc" 0644
         fi
