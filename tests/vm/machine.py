@@ -38,10 +38,10 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from tests.e2e.container import DISTROS, EXPECTED_SYSTEMD, _remove_tree, host_mirror
+from tests.e2e.container import DISTROS, EXPECTED_SYSTEMD, _flock, _remove_tree, host_mirror
 
 __all__ = ["DISTROS", "EXPECTED_SYSTEMD", "Tpm", "boot", "build_rootfs", "make_disk", "read_file"]
 
@@ -141,16 +141,6 @@ def _is_ready(root: Path, distro: str) -> bool:
     except (OSError, ValueError):
         return False
     return bool(info.get("recipe") == _recipe_hash(distro))
-
-
-@contextlib.contextmanager
-def _flock(path: Path, mode: int) -> Iterator[None]:
-    with path.open("a") as fh:
-        fcntl.flock(fh, mode)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def build_rootfs(distro: str) -> Path:
