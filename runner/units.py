@@ -210,7 +210,7 @@ def socket_text(job: Job, config: Config) -> str:
     return f"""{_header(job, config)}[Unit]
 Description=jobrunner socket of job {job.name}
 Documentation=file:///usr/local/share/doc/jobrunner/README.md
-Documentation=file:///usr/local/share/doc/jobrunner/protocol.md
+Documentation=file:///usr/local/share/doc/jobrunner/docs/protocol.md
 
 [Socket]
 # Developers connect here directly (jobctl), and job.socket's front door hands connections over.

@@ -50,3 +50,21 @@ def test_every_relative_link_leads_to_an_installed_doc_and_heading(doc: str) -> 
         assert resolved in installed, f"{doc}: link to {target}, which is not installed"
         if fragment:
             assert fragment in anchors((REPO / resolved).read_text()), f"{doc}: no heading for {target}"
+
+
+def test_the_units_documentation_links_lead_to_installed_docs() -> None:
+    # `systemctl help UNIT` opens these: each must be a document install.sh installs, where it puts it.
+    installed = set(installed_docs())
+    sources = [*(REPO / "units").iterdir(), REPO / "runner" / "units.py"]
+    links = [
+        (source.name, match)
+        for source in sources
+        for match in re.findall(
+            r"^Documentation=file:///usr/local/share/doc/jobrunner/(\S+)$", source.read_text(), re.M
+        )
+    ]
+    assert len(links) >= 10, links
+    for source, doc in links:
+        assert doc in installed, (
+            f"{source}: Documentation= names {doc}, which install.sh does not install there"
+        )
